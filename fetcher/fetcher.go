@@ -1,0 +1,310 @@
+// Package fetcher resolves image references in OCI registries and reads
+// blobs from them with HTTP range requests.
+//
+// It knows nothing about eStargz or FUSE: Resolve turns a reference into a
+// manifest, a config and a list of layer descriptors, and Image.Blob gives an
+// io.ReaderAt over one layer blob whose reads become Range requests.
+package fetcher
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"strings"
+	"time"
+
+	"github.com/google/go-containerregistry/pkg/authn"
+	"github.com/google/go-containerregistry/pkg/name"
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/remote"
+	"github.com/google/go-containerregistry/pkg/v1/remote/transport"
+	"github.com/google/go-containerregistry/pkg/v1/types"
+)
+
+// Option configures Resolve.
+type Option func(*options)
+
+type options struct {
+	platform      *v1.Platform
+	plainHTTP     bool
+	skipTLSVerify bool
+	keychain      authn.Keychain
+	transport     http.RoundTripper
+	logger        *slog.Logger
+	retries       int
+}
+
+// WithPlatform selects the image for platform p ("os/arch[/variant]") from an
+// index. The default is the host's platform.
+func WithPlatform(p *v1.Platform) Option { return func(o *options) { o.platform = p } }
+
+// WithPlainHTTP makes every registry speak plain HTTP. Registries on
+// localhost, 127.0.0.0/8 and ::1 always do.
+func WithPlainHTTP(b bool) Option { return func(o *options) { o.plainHTTP = b } }
+
+// WithInsecureSkipTLSVerify accepts any TLS certificate. Off by default.
+func WithInsecureSkipTLSVerify(b bool) Option { return func(o *options) { o.skipTLSVerify = b } }
+
+// WithKeychain sets where credentials come from. The default is the Docker
+// config (authn.DefaultKeychain).
+func WithKeychain(k authn.Keychain) Option { return func(o *options) { o.keychain = k } }
+
+// WithTransport sets the base HTTP transport, under authentication. The
+// default is a clone of http.DefaultTransport.
+func WithTransport(t http.RoundTripper) Option { return func(o *options) { o.transport = t } }
+
+// WithLogger sets the logger. The default discards nothing: slog.Default().
+func WithLogger(l *slog.Logger) Option { return func(o *options) { o.logger = l } }
+
+// ParsePlatform parses "os/arch[/variant]".
+func ParsePlatform(s string) (*v1.Platform, error) {
+	parts := strings.Split(s, "/")
+	if len(parts) < 2 || len(parts) > 3 || parts[0] == "" || parts[1] == "" {
+		return nil, fmt.Errorf("platform %q: want os/arch[/variant], e.g. linux/amd64 or linux/arm/v7", s)
+	}
+	p := &v1.Platform{OS: parts[0], Architecture: parts[1]}
+	if len(parts) == 3 {
+		p.Variant = parts[2]
+	}
+	return p, nil
+}
+
+// Image is a resolved image: its manifest digest, config and layers, and the
+// means to read its blobs.
+type Image struct {
+	Ref      name.Reference // the reference as parsed
+	Digest   v1.Hash        // digest of the image manifest
+	Platform v1.Platform    // the platform the config declares
+	Manifest *v1.Manifest
+	Config   *v1.ConfigFile
+	Layers   []Layer // bottom first
+
+	repo   name.Repository
+	scheme string
+	client *http.Client
+	logger *slog.Logger
+}
+
+// Layer describes one layer blob of an image.
+type Layer struct {
+	Digest      v1.Hash
+	MediaType   types.MediaType
+	Size        int64
+	Annotations map[string]string
+}
+
+// Resolve parses ref, fetches its manifest (picking the platform from an
+// index) and its config.
+func Resolve(ctx context.Context, ref string, opts ...Option) (*Image, error) {
+	o := options{keychain: authn.DefaultKeychain, logger: slog.Default(), retries: 3}
+	for _, opt := range opts {
+		opt(&o)
+	}
+	var nopts []name.Option
+	if o.plainHTTP {
+		nopts = append(nopts, name.Insecure)
+	}
+	r, err := name.ParseReference(ref, nopts...)
+	if err != nil {
+		return nil, &Error{Op: "parse reference", Ref: ref, Kind: KindBadReference, Err: err}
+	}
+
+	base := o.transport
+	if base == nil {
+		t := http.DefaultTransport.(*http.Transport).Clone()
+		t.MaxIdleConnsPerHost = 32
+		if o.skipTLSVerify {
+			t.TLSClientConfig = &tls.Config{InsecureSkipVerify: true} //nolint:gosec // the user asked for it
+		}
+		base = t
+	}
+	platform := o.platform
+	if platform == nil {
+		platform = &v1.Platform{OS: "linux", Architecture: hostArch()}
+		if v := hostVariant(); v != "" {
+			platform.Variant = v
+		}
+	}
+
+	ropts := []remote.Option{
+		remote.WithContext(ctx),
+		remote.WithAuthFromKeychain(o.keychain),
+		remote.WithTransport(base),
+		remote.WithPlatform(*platform),
+	}
+	desc, err := remote.Get(r, ropts...)
+	if err != nil {
+		return nil, classify("fetch manifest", r.String(), err)
+	}
+	var img v1.Image
+	if desc.MediaType.IsIndex() {
+		img, err = desc.Image()
+		if err != nil {
+			return nil, classify(fmt.Sprintf("pick %s from index", platform), r.String(), err)
+		}
+	} else {
+		img, err = desc.Image()
+		if err != nil {
+			return nil, classify("read manifest", r.String(), err)
+		}
+	}
+	m, err := img.Manifest()
+	if err != nil {
+		return nil, classify("read manifest", r.String(), err)
+	}
+	dgst, err := img.Digest()
+	if err != nil {
+		return nil, classify("digest manifest", r.String(), err)
+	}
+	cfg, err := img.ConfigFile()
+	if err != nil {
+		return nil, classify("fetch config", r.String(), err)
+	}
+
+	auth, err := o.keychain.Resolve(r.Context())
+	if err != nil {
+		return nil, &Error{Op: "resolve credentials", Ref: r.String(), Kind: KindOther, Err: err}
+	}
+	rt, err := transport.NewWithContext(ctx, r.Context().Registry, auth, base,
+		[]string{r.Context().Scope(transport.PullScope)})
+	if err != nil {
+		return nil, classify("authenticate", r.String(), err)
+	}
+
+	im := &Image{
+		Ref:      r,
+		Digest:   dgst,
+		Manifest: m,
+		Config:   cfg,
+		repo:     r.Context(),
+		scheme:   scheme(r.Context().Registry, o.plainHTTP),
+		client:   &http.Client{Transport: rt},
+		logger:   o.logger,
+	}
+	im.Platform = v1.Platform{OS: cfg.OS, Architecture: cfg.Architecture, Variant: cfg.Variant}
+	for _, l := range m.Layers {
+		im.Layers = append(im.Layers, Layer{
+			Digest:      l.Digest,
+			MediaType:   l.MediaType,
+			Size:        l.Size,
+			Annotations: l.Annotations,
+		})
+	}
+	return im, nil
+}
+
+// scheme decides between http and https the way the tool documents it:
+// plain HTTP for loopback registries or when asked, HTTPS otherwise.
+func scheme(reg name.Registry, plainHTTP bool) string {
+	if plainHTTP {
+		return "http"
+	}
+	host := reg.RegistryStr()
+	if h, _, err := net.SplitHostPort(host); err == nil {
+		host = h
+	}
+	host = strings.Trim(host, "[]")
+	if host == "localhost" {
+		return "http"
+	}
+	if ip := net.ParseIP(host); ip != nil && ip.IsLoopback() {
+		return "http"
+	}
+	return "https"
+}
+
+// Kind says what went wrong, for callers that branch and for messages.
+type Kind int
+
+const (
+	KindOther        Kind = iota
+	KindBadReference      // the reference does not parse
+	KindNotFound          // the repository, tag, manifest or blob does not exist
+	KindUnauthorized      // credentials missing or rejected
+	KindUnreachable       // no connection to the registry
+	KindBadResponse       // the registry answered something we cannot use
+)
+
+// Error is a registry operation that failed.
+type Error struct {
+	Op   string // what was being done, e.g. "fetch manifest"
+	Ref  string // the image or blob
+	Kind Kind
+	Err  error
+}
+
+func (e *Error) Error() string {
+	var what string
+	switch e.Kind {
+	case KindNotFound:
+		what = "not found"
+	case KindUnauthorized:
+		what = "access denied (log in with `docker login`, or check the credentials for this registry)"
+	case KindUnreachable:
+		what = "registry unreachable"
+	case KindBadReference:
+		what = "invalid image reference"
+	}
+	if what != "" {
+		return fmt.Sprintf("%s %s: %s: %v", e.Op, e.Ref, what, short(e.Err))
+	}
+	return fmt.Sprintf("%s %s: %v", e.Op, e.Ref, short(e.Err))
+}
+
+func (e *Error) Unwrap() error { return e.Err }
+
+// Retryable reports whether trying again later may succeed.
+func (e *Error) Retryable() bool { return e.Kind == KindUnreachable || e.Kind == KindOther }
+
+// short trims go-containerregistry's verbose errors to their first line.
+func short(err error) string {
+	var te *transport.Error
+	if errors.As(err, &te) {
+		if len(te.Errors) > 0 {
+			return fmt.Sprintf("%s (HTTP %d)", te.Errors[0].Message, te.StatusCode)
+		}
+		return fmt.Sprintf("HTTP %d", te.StatusCode)
+	}
+	s := err.Error()
+	if i := strings.IndexByte(s, '\n'); i >= 0 {
+		s = s[:i]
+	}
+	return s
+}
+
+func classify(op, ref string, err error) error {
+	e := &Error{Op: op, Ref: ref, Kind: KindOther, Err: err}
+	var te *transport.Error
+	var ne net.Error
+	var oe *net.OpError
+	switch {
+	case errors.As(err, &te):
+		switch te.StatusCode {
+		case http.StatusUnauthorized, http.StatusForbidden:
+			e.Kind = KindUnauthorized
+		case http.StatusNotFound:
+			e.Kind = KindNotFound
+		default:
+			for _, d := range te.Errors {
+				switch d.Code {
+				case transport.ManifestUnknownErrorCode, transport.NameUnknownErrorCode, transport.BlobUnknownErrorCode:
+					e.Kind = KindNotFound
+				case transport.UnauthorizedErrorCode, transport.DeniedErrorCode:
+					e.Kind = KindUnauthorized
+				}
+			}
+		}
+	case errors.As(err, &oe), errors.As(err, &ne):
+		e.Kind = KindUnreachable
+	case errors.Is(err, context.DeadlineExceeded):
+		e.Kind = KindUnreachable
+	}
+	return e
+}
+
+// retryDelay is the wait before attempt n (0-based) of a blob read.
+func retryDelay(n int) time.Duration { return time.Duration(100<<n) * time.Millisecond }

@@ -1,0 +1,280 @@
+package fetcher
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"net/url"
+	"strings"
+	"testing"
+
+	"github.com/google/go-containerregistry/pkg/name"
+	"github.com/google/go-containerregistry/pkg/registry"
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/empty"
+	"github.com/google/go-containerregistry/pkg/v1/mutate"
+	"github.com/google/go-containerregistry/pkg/v1/random"
+	"github.com/google/go-containerregistry/pkg/v1/remote"
+)
+
+// serve runs go-containerregistry's in-process registry, optionally wrapped,
+// and returns its host:port.
+func serve(t *testing.T, wrap func(http.Handler) http.Handler) string {
+	t.Helper()
+	var h http.Handler = registry.New(registry.Logger(log.New(io.Discard, "", 0)))
+	if wrap != nil {
+		h = wrap(h)
+	}
+	s := httptest.NewServer(h)
+	t.Cleanup(s.Close)
+	u, _ := url.Parse(s.URL)
+	return u.Host
+}
+
+func push(t *testing.T, img v1.Image, ref string) {
+	t.Helper()
+	r, err := name.ParseReference(ref)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := remote.Write(r, img); err != nil {
+		t.Fatalf("push %s: %v", ref, err)
+	}
+}
+
+func withPlatform(t *testing.T, img v1.Image, os, arch string) v1.Image {
+	t.Helper()
+	cf, err := img.ConfigFile()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cf = cf.DeepCopy()
+	cf.OS, cf.Architecture = os, arch
+	img, err = mutate.ConfigFile(img, cf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return img
+}
+
+func TestResolve(t *testing.T) {
+	host := serve(t, nil)
+	img, err := random.Image(1024, 3)
+	if err != nil {
+		t.Fatal(err)
+	}
+	img = withPlatform(t, img, "linux", hostArch())
+	push(t, img, host+"/app:1.0")
+	want, _ := img.Digest()
+
+	arm := withPlatform(t, mustRandom(t), "linux", "arm64")
+	amd := withPlatform(t, mustRandom(t), "linux", "amd64")
+	idx := mutate.AppendManifests(empty.Index,
+		mutate.IndexAddendum{Add: amd, Descriptor: v1.Descriptor{Platform: &v1.Platform{OS: "linux", Architecture: "amd64"}}},
+		mutate.IndexAddendum{Add: arm, Descriptor: v1.Descriptor{Platform: &v1.Platform{OS: "linux", Architecture: "arm64"}}},
+	)
+	r, _ := name.ParseReference(host + "/multi:latest")
+	if err := remote.WriteIndex(r, idx); err != nil {
+		t.Fatal(err)
+	}
+	armDigest, _ := arm.Digest()
+	amdDigest, _ := amd.Digest()
+	hostDigest := amdDigest
+	if hostArch() == "arm64" {
+		hostDigest = armDigest
+	}
+
+	tests := []struct {
+		name     string
+		ref      string
+		opts     []Option
+		digest   v1.Hash
+		platform string
+		kind     Kind
+	}{
+		{name: "tag", ref: host + "/app:1.0", digest: want},
+		{name: "digest", ref: host + "/app@" + want.String(), digest: want},
+		{name: "index picks host platform", ref: host + "/multi", digest: hostDigest},
+		{name: "index with --platform", ref: host + "/multi", opts: []Option{WithPlatform(&v1.Platform{OS: "linux", Architecture: "arm64"})}, digest: armDigest, platform: "linux/arm64"},
+		{name: "platform not in index", ref: host + "/multi", opts: []Option{WithPlatform(&v1.Platform{OS: "linux", Architecture: "s390x"})}, kind: KindOther},
+		{name: "missing tag", ref: host + "/app:nope", kind: KindNotFound},
+		{name: "missing repo", ref: host + "/nothing:here", kind: KindNotFound},
+		{name: "bad reference", ref: "UPPER/Case::x", kind: KindBadReference},
+		{name: "unreachable", ref: closedPort(t) + "/app:1.0", kind: KindUnreachable},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			im, err := Resolve(context.Background(), tt.ref, tt.opts...)
+			if tt.digest == (v1.Hash{}) {
+				var fe *Error
+				if !errors.As(err, &fe) {
+					t.Fatalf("Resolve(%q) = %v, want *Error of kind %d", tt.ref, err, tt.kind)
+				}
+				if fe.Kind != tt.kind {
+					t.Errorf("Resolve(%q) kind = %d, want %d (%v)", tt.ref, fe.Kind, tt.kind, err)
+				}
+				if strings.Contains(err.Error(), "\n") {
+					t.Errorf("error spans lines: %q", err)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatalf("Resolve(%q): %v", tt.ref, err)
+			}
+			if im.Digest != tt.digest {
+				t.Errorf("digest = %s, want %s", im.Digest, tt.digest)
+			}
+			if tt.platform != "" && im.Platform.OS+"/"+im.Platform.Architecture != tt.platform {
+				t.Errorf("platform = %v, want %s", im.Platform, tt.platform)
+			}
+			if len(im.Layers) != len(im.Manifest.Layers) || im.Config == nil {
+				t.Errorf("layers = %d, config = %v", len(im.Layers), im.Config)
+			}
+		})
+	}
+}
+
+func mustRandom(t *testing.T) v1.Image {
+	img, err := random.Image(512, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return img
+}
+
+func closedPort(t *testing.T) string {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := l.Addr().String()
+	l.Close()
+	return addr
+}
+
+func TestBlobReadAt(t *testing.T) {
+	tests := []struct {
+		name    string
+		wrap    func(http.Handler) http.Handler
+		wantErr bool
+	}{
+		{name: "range requests"},
+		{name: "registry ignores Range", wrap: stripRange},
+		{name: "wrong Content-Range", wrap: lieAboutRange, wantErr: true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			host := serve(t, tt.wrap)
+			img, err := random.Image(100_000, 1)
+			if err != nil {
+				t.Fatal(err)
+			}
+			push(t, img, host+"/blob:1")
+			im, err := Resolve(context.Background(), host+"/blob:1")
+			if err != nil {
+				t.Fatal(err)
+			}
+			layers, _ := img.Layers()
+			rc, _ := layers[0].Compressed()
+			data, _ := io.ReadAll(rc)
+			b := im.Blob(im.Layers[0])
+			if b.Size() != int64(len(data)) {
+				t.Fatalf("Size = %d, want %d", b.Size(), len(data))
+			}
+			for _, r := range []struct{ off, n int64 }{{0, 1}, {0, 4096}, {777, 10_000}, {int64(len(data)) - 5, 5}} {
+				p := make([]byte, r.n)
+				n, err := b.ReadAt(p, r.off)
+				if tt.wantErr {
+					if err == nil {
+						t.Fatalf("ReadAt(%d, %d) succeeded against a lying registry", r.off, r.n)
+					}
+					return
+				}
+				if err != nil || n != int(r.n) || !bytes.Equal(p, data[r.off:r.off+r.n]) {
+					t.Fatalf("ReadAt(%d, %d) = %d, %v; bytes equal: %v", r.off, r.n, n, err, bytes.Equal(p, data[r.off:r.off+r.n]))
+				}
+			}
+			// Past the end: a short read with io.EOF, and nothing past it.
+			p := make([]byte, 10)
+			n, err := b.ReadAt(p, int64(len(data))-4)
+			if n != 4 || err != io.EOF {
+				t.Errorf("ReadAt at end = %d, %v; want 4, EOF", n, err)
+			}
+			if n, err := b.ReadAt(p, int64(len(data))); n != 0 || err != io.EOF {
+				t.Errorf("ReadAt past end = %d, %v; want 0, EOF", n, err)
+			}
+			if req, got := b.Stats(); req < 5 || got < 4+1+4096+10_000+5 {
+				t.Errorf("Stats = %d requests, %d bytes", req, got)
+			}
+		})
+	}
+}
+
+// stripRange makes the registry answer every blob GET with the whole blob.
+func stripRange(h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		r.Header.Del("Range")
+		h.ServeHTTP(w, r)
+	})
+}
+
+// lieAboutRange serves the range asked for but labels it as starting one
+// byte later.
+func lieAboutRange(h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Header.Get("Range") == "" {
+			h.ServeHTTP(w, r)
+			return
+		}
+		rec := httptest.NewRecorder()
+		h.ServeHTTP(rec, r)
+		var start, end, size int64
+		fmt.Sscanf(rec.Header().Get("Content-Range"), "bytes %d-%d/%d", &start, &end, &size)
+		for k, v := range rec.Header() {
+			w.Header()[k] = v
+		}
+		w.Header().Set("Content-Range", fmt.Sprintf("bytes %d-%d/%d", start+1, end+1, size))
+		w.WriteHeader(rec.Code)
+		w.Write(rec.Body.Bytes())
+	})
+}
+
+func TestScheme(t *testing.T) {
+	tests := []struct {
+		host  string
+		plain bool
+		want  string
+	}{
+		{"localhost:5000", false, "http"},
+		{"127.0.0.1:5000", false, "http"},
+		{"127.1.2.3", false, "http"},
+		{"[::1]:5000", false, "http"},
+		{"registry.example.com", false, "https"},
+		{"10.0.0.1:5000", false, "https"},
+		{"registry.example.com", true, "http"},
+	}
+	for _, tt := range tests {
+		reg, err := name.NewRegistry(tt.host)
+		if err != nil {
+			t.Fatalf("%s: %v", tt.host, err)
+		}
+		if got := scheme(reg, tt.plain); got != tt.want {
+			t.Errorf("scheme(%s, %v) = %s, want %s", tt.host, tt.plain, got, tt.want)
+		}
+	}
+}
+
+func TestParsePlatform(t *testing.T) {
+	for in, ok := range map[string]bool{"linux/amd64": true, "linux/arm/v7": true, "linux": false, "/amd64": false, "a/b/c/d": false} {
+		_, err := ParsePlatform(in)
+		if (err == nil) != ok {
+			t.Errorf("ParsePlatform(%q) error = %v, want ok=%v", in, err, ok)
+		}
+	}
+}

@@ -1,0 +1,482 @@
+// Command stargz-mount mounts a container image from an OCI registry as a
+// root filesystem without pulling it: each eStargz layer is served lazily
+// through FUSE and the layers are stacked with overlayfs.
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"text/tabwriter"
+
+	"github.com/containerd/stargz-snapshotter/estargz"
+	"github.com/opencontainers/go-digest"
+	"github.com/urfave/cli/v2"
+	"golang.org/x/sync/errgroup"
+
+	"github.com/stargz-mount/stargz-mount/fetcher"
+	"github.com/stargz-mount/stargz-mount/mount"
+	"github.com/stargz-mount/stargz-mount/reader"
+)
+
+// readyFDEnv names the file descriptor a --daemon child reports readiness on.
+const readyFDEnv = "STARGZ_MOUNT_READY_FD"
+
+func main() {
+	if err := newApp().Run(os.Args); err != nil {
+		fmt.Fprintf(os.Stderr, "stargz-mount: %v\n", err)
+		os.Exit(1)
+	}
+}
+
+func newApp() *cli.App {
+	return &cli.App{
+		Name:      "stargz-mount",
+		Usage:     "mount a container image's root filesystem without pulling it",
+		UsageText: "stargz-mount [options] REF MOUNTPOINT\n   stargz-mount umount MOUNTPOINT\n   stargz-mount inspect [--json] REF",
+		Description: `Resolves REF in its OCI registry and mounts the image's root filesystem at
+MOUNTPOINT, an existing empty directory. Only each layer's table of contents is
+fetched up front; file data is fetched, verified and cached when it is read.
+Each eStargz layer is served read-only through FUSE and the layers are stacked
+with overlayfs. stargz-mount stays in the foreground until SIGINT or SIGTERM
+or 'stargz-mount umount MOUNTPOINT', then removes every mount it made.
+
+Example:
+   mkdir /mnt/app && stargz-mount --daemon registry.example.com/app:1.0 /mnt/app
+   ls /mnt/app && stargz-mount umount /mnt/app
+
+Limits on hostile layers: a TOC of at most ` + sizeString(reader.MaxTOCBytes) + ` compressed, ` +
+			strconv.Itoa(reader.MaxEntries) + ` entries,
+paths at most ` + strconv.Itoa(reader.MaxDepth) + ` directories deep, chunks at most ` + sizeString(reader.MaxChunkSize) + `.`,
+		HideHelpCommand:        true,
+		UseShortOptionHandling: false,
+		Flags:                  append(mountFlags(), commonFlags()...),
+		Action:                 mountAction,
+		Commands: []*cli.Command{
+			{
+				Name:      "umount",
+				Aliases:   []string{"unmount"},
+				Usage:     "unmount an image mounted by stargz-mount, even if its server was killed",
+				ArgsUsage: "MOUNTPOINT",
+				Flags:     []cli.Flag{logLevelFlag()},
+				Action:    umountAction,
+			},
+			{
+				Name:      "inspect",
+				Usage:     "show an image's platform and layers without mounting it",
+				ArgsUsage: "REF",
+				Flags:     append([]cli.Flag{&cli.BoolFlag{Name: "json", Usage: "print JSON instead of a table"}}, commonFlags()...),
+				Action:    inspectAction,
+			},
+		},
+	}
+}
+
+func logLevelFlag() cli.Flag {
+	return &cli.StringFlag{Name: "log-level", Value: "info", Usage: "log `LEVEL`: debug, info, warn or error (logs go to stderr)"}
+}
+
+// commonFlags are the flags of every command that talks to a registry.
+func commonFlags() []cli.Flag {
+	return []cli.Flag{
+		logLevelFlag(),
+		&cli.StringFlag{Name: "platform", Usage: "pick `OS/ARCH[/VARIANT]` from a multi-platform image (default: this host's)"},
+		&cli.BoolFlag{Name: "plain-http", Usage: "speak plain HTTP to the registry (always so for localhost, 127.0.0.0/8 and ::1)"},
+		&cli.BoolFlag{Name: "insecure-skip-tls-verify", Usage: "accept any TLS certificate from the registry"},
+		&cli.BoolFlag{Name: "insecure-skip-verify", Usage: "mount layers that carry no TOC digest annotation, unverified"},
+	}
+}
+
+func mountFlags() []cli.Flag {
+	return []cli.Flag{
+		&cli.StringFlag{Name: "cache-dir", Value: defaultCacheDir(), Usage: "`DIR` for caches and per-mount state"},
+		&cli.StringFlag{Name: "cache-max-memory", Value: "256MiB", Usage: "memory for decompressed file data, in `SIZE` units (64MiB, 1GiB) or bytes"},
+		&cli.BoolFlag{Name: "daemon", Usage: "return once the mount is ready and serve it in the background"},
+		&cli.BoolFlag{Name: "writable", Usage: "make the rootfs writable; changes live in the state dir and are discarded at unmount"},
+		&cli.StringFlag{Name: "upper", Usage: "writable rootfs keeping changes in `DIR` (with --work, same file system)"},
+		&cli.StringFlag{Name: "work", Usage: "overlay work `DIR` for --upper"},
+	}
+}
+
+func defaultCacheDir() string {
+	if os.Geteuid() == 0 {
+		return "/var/cache/stargz-mount"
+	}
+	if d := os.Getenv("XDG_CACHE_HOME"); d != "" {
+		return filepath.Join(d, "stargz-mount")
+	}
+	if h, err := os.UserHomeDir(); err == nil {
+		return filepath.Join(h, ".cache", "stargz-mount")
+	}
+	return filepath.Join(os.TempDir(), "stargz-mount")
+}
+
+func newLogger(c *cli.Context, w io.Writer) (*slog.Logger, error) {
+	var lvl slog.Level
+	if err := lvl.UnmarshalText([]byte(c.String("log-level"))); err != nil {
+		return nil, fmt.Errorf("--log-level %q: want debug, info, warn or error", c.String("log-level"))
+	}
+	return slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: lvl})), nil
+}
+
+// args checks for exactly n positional arguments, catching flags placed
+// after them (which the flag parser would take as arguments).
+func args(c *cli.Context, names ...string) ([]string, error) {
+	a := c.Args().Slice()
+	for _, s := range a {
+		if strings.HasPrefix(s, "-") {
+			return nil, fmt.Errorf("flag %s after the arguments: put flags before %s", s, strings.Join(names, " "))
+		}
+	}
+	if len(a) != len(names) {
+		return nil, fmt.Errorf("want %s, got %d argument(s); see --help", strings.Join(names, " "), len(a))
+	}
+	return a, nil
+}
+
+func fetchOptions(c *cli.Context, logger *slog.Logger) ([]fetcher.Option, error) {
+	opts := []fetcher.Option{
+		fetcher.WithPlainHTTP(c.Bool("plain-http")),
+		fetcher.WithInsecureSkipTLSVerify(c.Bool("insecure-skip-tls-verify")),
+		fetcher.WithLogger(logger),
+	}
+	if p := c.String("platform"); p != "" {
+		plat, err := fetcher.ParsePlatform(p)
+		if err != nil {
+			return nil, fmt.Errorf("--platform: %w", err)
+		}
+		opts = append(opts, fetcher.WithPlatform(plat))
+	}
+	return opts, nil
+}
+
+// openLayers opens every layer's TOC, all in parallel.
+func openLayers(ctx context.Context, img *fetcher.Image, cache *reader.Cache, skipVerify bool, logger *slog.Logger) ([]*reader.Layer, error) {
+	layers := make([]*reader.Layer, len(img.Layers))
+	g, ctx := errgroup.WithContext(ctx)
+	for i, l := range img.Layers {
+		if err := checkMediaType(i, l); err != nil {
+			return nil, err
+		}
+		g.Go(func() error {
+			opts := []reader.Option{
+				reader.WithName(l.Digest.String()),
+				reader.WithCache(cache),
+				reader.WithInsecureSkipVerify(skipVerify),
+				reader.WithLogger(logger),
+			}
+			if d := l.Annotations[estargz.TOCJSONDigestAnnotation]; d != "" {
+				opts = append(opts, reader.WithTOCDigest(digest.Digest(d)))
+			}
+			rl, err := reader.Open(ctx, img.Blob(l), opts...)
+			if errors.Is(err, reader.ErrNoTOCDigest) {
+				return fmt.Errorf("layer %d (%s) has no %s annotation, so its contents cannot be verified: rebuild the image as eStargz (e.g. `nerdctl image convert --estargz`), or pass --insecure-skip-verify to mount it unverified",
+					i, l.Digest, estargz.TOCJSONDigestAnnotation)
+			}
+			if err != nil {
+				return fmt.Errorf("layer %d: %w", i, err)
+			}
+			layers[i] = rl
+			return nil
+		})
+	}
+	if err := g.Wait(); err != nil {
+		return nil, err
+	}
+	return layers, nil
+}
+
+func checkMediaType(i int, l fetcher.Layer) error {
+	switch l.MediaType {
+	case "application/vnd.oci.image.layer.v1.tar+gzip", "application/vnd.docker.image.rootfs.diff.tar.gzip":
+		return nil
+	}
+	return fmt.Errorf("layer %d (%s) has media type %s: only eStargz (gzip) layers can be mounted", i, l.Digest, l.MediaType)
+}
+
+func mountAction(c *cli.Context) error {
+	a, err := args(c, "REF", "MOUNTPOINT")
+	if err != nil {
+		if c.NArg() == 0 {
+			cli.ShowAppHelp(c)
+			return cli.Exit("", 2)
+		}
+		return err
+	}
+	ref, target := a[0], a[1]
+	if c.Bool("daemon") && os.Getenv(readyFDEnv) == "" {
+		return daemonize(target)
+	}
+	ready := func(error) {}
+	if fd := os.Getenv(readyFDEnv); fd != "" {
+		ready = readyReporter(fd)
+	}
+	err = serve(c, ref, target, ready)
+	if err != nil {
+		ready(err)
+	}
+	return err
+}
+
+func serve(c *cli.Context, ref, target string, ready func(error)) error {
+	logger, err := newLogger(c, os.Stderr)
+	if err != nil {
+		return err
+	}
+	memory, err := parseSize(c.String("cache-max-memory"))
+	if err != nil {
+		return fmt.Errorf("--cache-max-memory: %w", err)
+	}
+	if _, err := mount.CheckTarget(target); err != nil {
+		return err
+	}
+	fopts, err := fetchOptions(c, logger)
+	if err != nil {
+		return err
+	}
+
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+
+	img, err := fetcher.Resolve(ctx, ref, fopts...)
+	if err != nil {
+		return err
+	}
+	logger.Debug("resolved", "ref", ref, "digest", img.Digest, "layers", len(img.Layers))
+	cache := reader.NewCache(memory)
+	defer cache.Close()
+	layers, err := openLayers(ctx, img, cache, c.Bool("insecure-skip-verify"), logger)
+	if err != nil {
+		return err
+	}
+	m, err := mount.Mount(ctx, layers, target, mount.Options{
+		StateDir: c.String("cache-dir"),
+		Writable: c.Bool("writable"),
+		Upper:    c.String("upper"),
+		Work:     c.String("work"),
+		Ref:      img.Ref.Context().Digest(img.Digest.String()).String(),
+		Logger:   logger,
+	})
+	if err != nil {
+		return err
+	}
+	logger.Info("mounted", "ref", ref, "digest", img.Digest, "target", m.Target, "layers", len(layers))
+	ready(nil)
+
+	werr := m.Wait(ctx)
+	if err := m.Close(); err != nil {
+		return fmt.Errorf("unmount %s: %w", m.Target, err)
+	}
+	if werr != nil && !errors.Is(werr, context.Canceled) {
+		return werr
+	}
+	logger.Info("unmounted", "target", m.Target)
+	return nil
+}
+
+// daemonize starts this command again in the background and waits until it
+// reports the mount ready or failed.
+func daemonize(target string) error {
+	r, w, err := os.Pipe()
+	if err != nil {
+		return err
+	}
+	defer r.Close()
+	exe, err := os.Executable()
+	if err != nil {
+		return err
+	}
+	devnull, err := os.OpenFile(os.DevNull, os.O_RDWR, 0)
+	if err != nil {
+		return err
+	}
+	defer devnull.Close()
+	cmd := exec.Command(exe, os.Args[1:]...)
+	cmd.Env = append(os.Environ(), readyFDEnv+"=3")
+	cmd.Stdin = devnull
+	cmd.Stdout = devnull
+	cmd.Stderr = devnull
+	cmd.ExtraFiles = []*os.File{w}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if err := cmd.Start(); err != nil {
+		w.Close()
+		return fmt.Errorf("start background server: %w", err)
+	}
+	w.Close()
+	msg, _ := io.ReadAll(r)
+	switch s := strings.TrimSpace(string(msg)); {
+	case s == "ready":
+		cmd.Process.Release()
+		return nil
+	case s != "":
+		cmd.Wait()
+		return errors.New(s)
+	default:
+		err := cmd.Wait()
+		return fmt.Errorf("background server for %s exited before the mount was ready: %v", target, err)
+	}
+}
+
+// readyReporter returns a function that tells a waiting --daemon parent the
+// outcome, once, and detaches from it.
+func readyReporter(fd string) func(error) {
+	n, err := strconv.Atoi(fd)
+	if err != nil {
+		return func(error) {}
+	}
+	f := os.NewFile(uintptr(n), "ready")
+	done := false
+	return func(err error) {
+		if done || f == nil {
+			return
+		}
+		done = true
+		if err != nil {
+			fmt.Fprintln(f, err)
+		} else {
+			fmt.Fprintln(f, "ready")
+		}
+		f.Close()
+	}
+}
+
+func umountAction(c *cli.Context) error {
+	a, err := args(c, "MOUNTPOINT")
+	if err != nil {
+		return err
+	}
+	logger, err := newLogger(c, os.Stderr)
+	if err != nil {
+		return err
+	}
+	return mount.Unmount(a[0], logger)
+}
+
+// layerInfo is one layer in `inspect` output.
+type layerInfo struct {
+	Digest           string `json:"digest"`
+	MediaType        string `json:"mediaType"`
+	Size             int64  `json:"size"`
+	UncompressedSize int64  `json:"uncompressedSize,omitempty"`
+	EStargz          bool   `json:"estargz"`
+	TOCDigest        string `json:"tocDigest,omitempty"`
+	Entries          int    `json:"entries,omitempty"`
+	PrioritizedBytes int64  `json:"prioritizedBytes"`
+	Error            string `json:"error,omitempty"`
+}
+
+type imageInfo struct {
+	Reference string      `json:"reference"`
+	Digest    string      `json:"digest"`
+	Platform  string      `json:"platform"`
+	Layers    []layerInfo `json:"layers"`
+}
+
+func inspectAction(c *cli.Context) error {
+	a, err := args(c, "REF")
+	if err != nil {
+		return err
+	}
+	logger, err := newLogger(c, os.Stderr)
+	if err != nil {
+		return err
+	}
+	fopts, err := fetchOptions(c, logger)
+	if err != nil {
+		return err
+	}
+	ctx := c.Context
+	img, err := fetcher.Resolve(ctx, a[0], fopts...)
+	if err != nil {
+		return err
+	}
+	info := imageInfo{Reference: img.Ref.String(), Digest: img.Digest.String(), Platform: platformString(img)}
+	info.Layers = make([]layerInfo, len(img.Layers))
+	cache := reader.NewCache(16 << 20)
+	defer cache.Close()
+	var g errgroup.Group
+	for i, l := range img.Layers {
+		li := &info.Layers[i]
+		*li = layerInfo{Digest: l.Digest.String(), MediaType: string(l.MediaType), Size: l.Size, TOCDigest: l.Annotations[estargz.TOCJSONDigestAnnotation]}
+		if s, err := strconv.ParseInt(l.Annotations[estargz.StoreUncompressedSizeAnnotation], 10, 64); err == nil {
+			li.UncompressedSize = s
+		}
+		if checkMediaType(i, l) != nil {
+			continue
+		}
+		g.Go(func() error {
+			rl, err := reader.Open(ctx, img.Blob(l), reader.WithName(l.Digest.String()), reader.WithCache(cache),
+				reader.WithInsecureSkipVerify(true), reader.WithLogger(logger))
+			if err != nil {
+				li.Error = err.Error()
+				return nil
+			}
+			li.EStargz = true
+			if li.TOCDigest != "" && li.TOCDigest != rl.TOCDigest().String() {
+				li.Error = fmt.Sprintf("TOC digest %s does not match the annotation", rl.TOCDigest())
+			}
+			li.TOCDigest = rl.TOCDigest().String()
+			li.Entries = rl.Entries()
+			li.PrioritizedBytes = rl.PrefetchBytes()
+			return nil
+		})
+	}
+	g.Wait()
+	if c.Bool("json") {
+		enc := json.NewEncoder(c.App.Writer)
+		enc.SetIndent("", "  ")
+		return enc.Encode(info)
+	}
+	w := c.App.Writer
+	fmt.Fprintf(w, "Reference: %s\nDigest:    %s\nPlatform:  %s\n\n", info.Reference, info.Digest, info.Platform)
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "#\tDIGEST\tMEDIA TYPE\tSIZE\tUNCOMPRESSED\tESTARGZ\tENTRIES\tPRIORITIZED\tTOC DIGEST")
+	for i, l := range info.Layers {
+		unc := "-"
+		if l.UncompressedSize > 0 {
+			unc = sizeString(l.UncompressedSize)
+		}
+		es := "no"
+		if l.EStargz {
+			es = "yes"
+		}
+		toc := l.TOCDigest
+		if toc == "" {
+			toc = "-"
+		}
+		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\t%d\t%s\t%s\n", i, shortDigest(l.Digest), l.MediaType,
+			sizeString(l.Size), unc, es, l.Entries, sizeString(l.PrioritizedBytes), shortDigest(toc))
+	}
+	tw.Flush()
+	for i, l := range info.Layers {
+		if l.Error != "" {
+			fmt.Fprintf(w, "layer %d: %s\n", i, l.Error)
+		}
+	}
+	return nil
+}
+
+func platformString(img *fetcher.Image) string {
+	p := img.Platform.OS + "/" + img.Platform.Architecture
+	if img.Platform.Variant != "" {
+		p += "/" + img.Platform.Variant
+	}
+	return p
+}
+
+func shortDigest(d string) string {
+	if _, hex, ok := strings.Cut(d, ":"); ok && len(hex) > 12 {
+		return d[:len(d)-len(hex)] + hex[:12]
+	}
+	return d
+}

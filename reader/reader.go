@@ -1,0 +1,241 @@
+// Package reader serves the files of one eStargz layer: it reads the layer's
+// footer and table of contents (TOC) through a Blob, builds an immutable
+// tree of nodes from the TOC, and reads file data chunk by chunk on demand,
+// verifying each chunk against its TOC digest and keeping decompressed
+// chunks in a bounded memory cache.
+//
+// The tree is the layer as an overlayfs lower directory expects it: OCI
+// whiteout files ".wh.NAME" appear as 0/0 character devices named NAME, a
+// directory holding ".wh..wh..opq" carries the opaque xattr, and the
+// eStargz bookkeeping entries (".prefetch.landmark", ".no.prefetch.landmark")
+// do not appear. The package knows nothing of FUSE.
+package reader
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+
+	"github.com/containerd/stargz-snapshotter/estargz"
+	"github.com/opencontainers/go-digest"
+	"golang.org/x/sync/singleflight"
+)
+
+// Blob is a layer blob: random access to its compressed bytes.
+type Blob interface {
+	io.ReaderAt
+	Size() int64
+}
+
+// Limits on what a TOC may ask of us. A layer beyond them is refused.
+const (
+	// MaxTOCBytes bounds the compressed TOC (and footer) read at open.
+	MaxTOCBytes = 64 << 20
+	// MaxEntries bounds the number of TOC entries.
+	MaxEntries = 4 << 20
+	// MaxDepth bounds the number of path components of an entry.
+	MaxDepth = 256
+	// MaxChunkSize bounds the decompressed size of one chunk.
+	MaxChunkSize = 64 << 20
+)
+
+// ErrNoTOCDigest is returned when a layer has no TOC digest to verify
+// against and verification was not switched off.
+var ErrNoTOCDigest = errors.New("layer has no TOC digest to verify against (annotation " +
+	estargz.TOCJSONDigestAnnotation + " is missing)")
+
+// Option configures Open.
+type Option func(*options)
+
+type options struct {
+	name        string
+	tocDigest   digest.Digest
+	skipVerify  bool
+	cache       *Cache
+	tailSize    int64
+	opaqueXattr string
+	logger      *slog.Logger
+}
+
+// WithName names the layer in errors, logs and cache keys; use its digest.
+// The default is "layer".
+func WithName(n string) Option { return func(o *options) { o.name = n } }
+
+// WithTOCDigest sets the digest the TOC must have (the layer's
+// containerd.io/snapshot/stargz/toc.digest annotation). Open fails without
+// one unless WithInsecureSkipVerify is given.
+func WithTOCDigest(d digest.Digest) Option { return func(o *options) { o.tocDigest = d } }
+
+// WithInsecureSkipVerify opens a layer without a TOC digest to check. Chunks
+// whose TOC entry carries a digest are still verified.
+func WithInsecureSkipVerify(b bool) Option { return func(o *options) { o.skipVerify = b } }
+
+// WithCache shares a memory cache for decompressed chunks. The default is a
+// private 64 MiB cache.
+func WithCache(c *Cache) Option { return func(o *options) { o.cache = c } }
+
+// WithTailSize sets how many bytes at the end of the blob the first request
+// reads, hoping to get footer and TOC in one go. The default is 1 MiB.
+func WithTailSize(n int64) Option { return func(o *options) { o.tailSize = n } }
+
+// WithOpaqueXattr sets the xattr that marks opaque directories:
+// "trusted.overlay.opaque" (the default) or "user.overlay.opaque" for an
+// overlay mounted with userxattr.
+func WithOpaqueXattr(name string) Option { return func(o *options) { o.opaqueXattr = name } }
+
+// WithLogger sets the logger. The default is slog.Default().
+func WithLogger(l *slog.Logger) Option { return func(o *options) { o.logger = l } }
+
+// Layer is an opened eStargz layer. It is safe for concurrent use.
+type Layer struct {
+	name      string
+	blob      Blob
+	cache     *Cache
+	logger    *slog.Logger
+	tocDigest digest.Digest
+	tocOffset int64
+	entries   int   // TOC entries, chunks included
+	prefetch  int64 // bytes before the prefetch landmark, 0 if none
+	root      *Node
+	nodes     int
+	flight    singleflight.Group // one fetch per chunk at a time
+}
+
+// Open reads the footer and TOC of the eStargz blob b and builds its tree.
+// It makes one request when footer and TOC fit in the tail size, two
+// otherwise.
+func Open(ctx context.Context, b Blob, opts ...Option) (*Layer, error) {
+	o := options{name: "layer", tailSize: 1 << 20, opaqueXattr: "trusted.overlay.opaque", logger: slog.Default()}
+	for _, opt := range opts {
+		opt(&o)
+	}
+	if o.tocDigest == "" && !o.skipVerify {
+		return nil, fmt.Errorf("open %s: %w", o.name, ErrNoTOCDigest)
+	}
+	if o.cache == nil {
+		o.cache = NewCache(64 << 20)
+	}
+	size := b.Size()
+	if size < estargz.FooterSize {
+		return nil, fmt.Errorf("open %s: blob of %d bytes is too small to be eStargz", o.name, size)
+	}
+
+	tb, err := readTail(ctx, b, min(size, max(o.tailSize, estargz.FooterSize)))
+	if err != nil {
+		return nil, fmt.Errorf("open %s: read footer: %w", o.name, err)
+	}
+	sr := io.NewSectionReader(tb, 0, size)
+	tocOffset, _, err := estargz.OpenFooter(sr)
+	if err != nil {
+		return nil, fmt.Errorf("open %s: not an eStargz layer (no eStargz footer): %w", o.name, err)
+	}
+	if tocOffset < 0 || tocOffset >= size {
+		return nil, fmt.Errorf("open %s: footer points at TOC offset %d outside the %d-byte blob", o.name, tocOffset, size)
+	}
+	if size-tocOffset > MaxTOCBytes {
+		return nil, fmt.Errorf("open %s: TOC of %d bytes exceeds the limit of %d", o.name, size-tocOffset, MaxTOCBytes)
+	}
+	if err := tb.extend(ctx, tocOffset); err != nil {
+		return nil, fmt.Errorf("open %s: read TOC: %w", o.name, err)
+	}
+	er, err := estargz.Open(sr, estargz.WithTOCOffset(tocOffset))
+	if err != nil {
+		return nil, fmt.Errorf("open %s: parse TOC: %w", o.name, err)
+	}
+	if o.tocDigest != "" {
+		if got := er.TOCDigest(); got != o.tocDigest {
+			return nil, fmt.Errorf("open %s: TOC digest %s does not match the manifest's %s: refusing a tampered layer", o.name, got, o.tocDigest)
+		}
+	}
+	l := &Layer{
+		name:      o.name,
+		blob:      b,
+		cache:     o.cache,
+		logger:    o.logger,
+		tocDigest: er.TOCDigest(),
+		tocOffset: tocOffset,
+	}
+	if err := l.build(er, o.opaqueXattr, !o.skipVerify); err != nil {
+		return nil, fmt.Errorf("open %s: %w", o.name, err)
+	}
+	return l, nil
+}
+
+// Root is the layer's root directory.
+func (l *Layer) Root() *Node { return l.root }
+
+// Name is the name given with WithName.
+func (l *Layer) Name() string { return l.name }
+
+// TOCDigest is the digest of the layer's TOC JSON.
+func (l *Layer) TOCDigest() digest.Digest { return l.tocDigest }
+
+// Entries is the number of TOC entries, chunk entries included.
+func (l *Layer) Entries() int { return l.entries }
+
+// Nodes is the number of nodes (inodes) in the tree.
+func (l *Layer) Nodes() int { return l.nodes }
+
+// PrefetchBytes is the number of blob bytes before the prefetch landmark:
+// the prioritized files. It is 0 when the layer has no landmark.
+func (l *Layer) PrefetchBytes() int64 { return l.prefetch }
+
+// tailBlob serves reads of the blob's tail from memory, read in one request.
+type tailBlob struct {
+	Blob
+	off  int64 // blob offset of tail[0]
+	tail []byte
+}
+
+func readTail(ctx context.Context, b Blob, n int64) (*tailBlob, error) {
+	t := &tailBlob{Blob: b, off: b.Size() - n, tail: make([]byte, n)}
+	if err := readFull(ctx, b, t.tail, t.off); err != nil {
+		return nil, err
+	}
+	return t, nil
+}
+
+// extend makes the tail start at off or earlier, with one more request.
+func (t *tailBlob) extend(ctx context.Context, off int64) error {
+	if off >= t.off {
+		return nil
+	}
+	head := make([]byte, t.off-off)
+	if err := readFull(ctx, t.Blob, head, off); err != nil {
+		return err
+	}
+	t.tail = append(head, t.tail...)
+	t.off = off
+	return nil
+}
+
+func (t *tailBlob) ReadAt(p []byte, off int64) (int, error) {
+	if off >= t.off && off+int64(len(p)) <= t.off+int64(len(t.tail)) {
+		return copy(p, t.tail[off-t.off:]), nil
+	}
+	return t.Blob.ReadAt(p, off)
+}
+
+// contextReaderAt is implemented by blobs whose reads can be cancelled.
+type contextReaderAt interface {
+	ReadAtContext(ctx context.Context, p []byte, off int64) (int, error)
+}
+
+func readFull(ctx context.Context, b Blob, p []byte, off int64) error {
+	var n int
+	var err error
+	if cb, ok := b.(contextReaderAt); ok {
+		n, err = cb.ReadAtContext(ctx, p, off)
+	} else {
+		n, err = b.ReadAt(p, off)
+	}
+	if n == len(p) {
+		return nil
+	}
+	if err == nil || err == io.EOF {
+		err = io.ErrUnexpectedEOF
+	}
+	return err
+}
