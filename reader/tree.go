@@ -34,8 +34,8 @@ type Node struct {
 	Minor  uint32
 	Xattrs map[string][]byte
 
-	name     string  // base name under parent, for messages
-	parent   *Node   // first parent; nil for the root
+	name     string   // base name under parent, for messages
+	parent   *Node    // first parent; nil for the root
 	children []Dirent // directories only, sorted by name
 	chunks   []chunk  // regular files only, in file order
 }
@@ -127,7 +127,7 @@ type builder struct {
 	l           *Layer
 	er          *estargz.Reader
 	opaqueXattr string
-	verify      bool // every chunk must carry a digest
+	verify      bool                        // every chunk must carry a digest
 	seen        map[*estargz.TOCEntry]*Node // hardlink groups share a node
 	nextIno     uint64
 	entries     int
