@@ -27,3 +27,5 @@ require (
 	github.com/xrash/smetrics v0.0.0-20240521201337-686a1a2994c1 // indirect
 	gotest.tools/v3 v3.5.2 // indirect
 )
+
+replace bazil.org/fuse => ./third_party/bazil-fuse

@@ -183,6 +183,9 @@ func openLayers(ctx context.Context, img *fetcher.Image, cache *reader.Cache, sk
 				return fmt.Errorf("layer %d (%s) has no %s annotation, so its contents cannot be verified: rebuild the image as eStargz (e.g. `nerdctl image convert --estargz`), or pass --insecure-skip-verify to mount it unverified",
 					i, l.Digest, estargz.TOCJSONDigestAnnotation)
 			}
+			if errors.Is(err, reader.ErrNotEStargz) {
+				return fmt.Errorf("layer %d (%s, %s) is not eStargz: only eStargz layers can be mounted for now", i, l.Digest, l.MediaType)
+			}
 			if err != nil {
 				return fmt.Errorf("layer %d: %w", i, err)
 			}

@@ -165,6 +165,11 @@ func Resolve(ctx context.Context, ref string, opts ...Option) (*Image, error) {
 		return nil, classify("fetch config", r.String(), err)
 	}
 
+	if o.platform != nil && !desc.MediaType.IsIndex() && !platformMatches(cfg, o.platform) {
+		return nil, &Error{Op: "select platform", Ref: r.String(), Kind: KindNotFound,
+			Err: fmt.Errorf("the image is %s/%s, not %s", cfg.OS, cfg.Architecture, platformString(o.platform))}
+	}
+
 	auth, err := o.keychain.Resolve(r.Context())
 	if err != nil {
 		return nil, &Error{Op: "resolve credentials", Ref: r.String(), Kind: KindOther, Err: err}
@@ -308,3 +313,15 @@ func classify(op, ref string, err error) error {
 
 // retryDelay is the wait before attempt n (0-based) of a blob read.
 func retryDelay(n int) time.Duration { return time.Duration(100<<n) * time.Millisecond }
+
+func platformMatches(cfg *v1.ConfigFile, p *v1.Platform) bool {
+	return cfg.OS == p.OS && cfg.Architecture == p.Architecture && (p.Variant == "" || cfg.Variant == p.Variant)
+}
+
+func platformString(p *v1.Platform) string {
+	s := p.OS + "/" + p.Architecture
+	if p.Variant != "" {
+		s += "/" + p.Variant
+	}
+	return s
+}

@@ -103,6 +103,7 @@ func TestResolve(t *testing.T) {
 		{name: "index picks host platform", ref: host + "/multi", digest: hostDigest},
 		{name: "index with --platform", ref: host + "/multi", opts: []Option{WithPlatform(&v1.Platform{OS: "linux", Architecture: "arm64"})}, digest: armDigest, platform: "linux/arm64"},
 		{name: "platform not in index", ref: host + "/multi", opts: []Option{WithPlatform(&v1.Platform{OS: "linux", Architecture: "s390x"})}, kind: KindOther},
+		{name: "--platform not matching a single image", ref: host + "/app:1.0", opts: []Option{WithPlatform(&v1.Platform{OS: "linux", Architecture: "s390x"})}, kind: KindNotFound},
 		{name: "missing tag", ref: host + "/app:nope", kind: KindNotFound},
 		{name: "missing repo", ref: host + "/nothing:here", kind: KindNotFound},
 		{name: "bad reference", ref: "UPPER/Case::x", kind: KindBadReference},

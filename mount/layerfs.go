@@ -115,7 +115,14 @@ func (n node) ReadDirAll(ctx context.Context) ([]fuse.Dirent, error) {
 		return nil, syscall.ENOTDIR
 	}
 	kids := n.n.Children()
-	out := make([]fuse.Dirent, 0, len(kids))
+	out := make([]fuse.Dirent, 0, len(kids)+2)
+	parent := n.n
+	if p := n.n.Parent(); p != nil {
+		parent = p
+	}
+	out = append(out,
+		fuse.Dirent{Inode: n.n.Ino, Name: ".", Type: fuse.DT_Dir},
+		fuse.Dirent{Inode: parent.Ino, Name: "..", Type: fuse.DT_Dir})
 	for _, k := range kids {
 		out = append(out, fuse.Dirent{Inode: k.Node.Ino, Name: k.Name, Type: direntType(k.Node.Mode)})
 	}

@@ -46,6 +46,9 @@ const (
 var ErrNoTOCDigest = errors.New("layer has no TOC digest to verify against (annotation " +
 	estargz.TOCJSONDigestAnnotation + " is missing)")
 
+// ErrNotEStargz is returned for a blob without an eStargz footer.
+var ErrNotEStargz = errors.New("not an eStargz layer: no eStargz footer")
+
 // Option configures Open.
 type Option func(*options)
 
@@ -111,15 +114,12 @@ func Open(ctx context.Context, b Blob, opts ...Option) (*Layer, error) {
 	for _, opt := range opts {
 		opt(&o)
 	}
-	if o.tocDigest == "" && !o.skipVerify {
-		return nil, fmt.Errorf("open %s: %w", o.name, ErrNoTOCDigest)
-	}
 	if o.cache == nil {
 		o.cache = NewCache(64 << 20)
 	}
 	size := b.Size()
 	if size < estargz.FooterSize {
-		return nil, fmt.Errorf("open %s: blob of %d bytes is too small to be eStargz", o.name, size)
+		return nil, fmt.Errorf("open %s: %w (blob of %d bytes)", o.name, ErrNotEStargz, size)
 	}
 
 	tb, err := readTail(ctx, b, min(size, max(o.tailSize, estargz.FooterSize)))
@@ -129,7 +129,10 @@ func Open(ctx context.Context, b Blob, opts ...Option) (*Layer, error) {
 	sr := io.NewSectionReader(tb, 0, size)
 	tocOffset, _, err := estargz.OpenFooter(sr)
 	if err != nil {
-		return nil, fmt.Errorf("open %s: not an eStargz layer (no eStargz footer): %w", o.name, err)
+		return nil, fmt.Errorf("open %s: %w (%v)", o.name, ErrNotEStargz, err)
+	}
+	if o.tocDigest == "" && !o.skipVerify {
+		return nil, fmt.Errorf("open %s: %w", o.name, ErrNoTOCDigest)
 	}
 	if tocOffset < 0 || tocOffset >= size {
 		return nil, fmt.Errorf("open %s: footer points at TOC offset %d outside the %d-byte blob", o.name, tocOffset, size)

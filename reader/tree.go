@@ -59,6 +59,9 @@ type chunk struct {
 // IsDir reports whether n is a directory.
 func (n *Node) IsDir() bool { return n.Mode.IsDir() }
 
+// Parent is the directory n was first found in; nil for the root.
+func (n *Node) Parent() *Node { return n.parent }
+
 // Children returns a directory's entries sorted by name. Do not modify.
 func (n *Node) Children() []Dirent { return n.children }
 

@@ -1,0 +1,324 @@
+package reader
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"io"
+	"math/rand/v2"
+	"os"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"testing"
+
+	"github.com/containerd/stargz-snapshotter/estargz"
+	"github.com/opencontainers/go-digest"
+
+	lt "github.com/stargz-mount/stargz-mount/internal/layertest"
+)
+
+// memBlob is a blob in memory that counts reads.
+type memBlob struct {
+	data  []byte
+	reads atomic.Int64
+}
+
+func (m *memBlob) Size() int64 { return int64(len(m.data)) }
+
+func (m *memBlob) ReadAt(p []byte, off int64) (int, error) {
+	m.reads.Add(1)
+	return bytes.NewReader(m.data).ReadAt(p, off)
+}
+
+func build(t *testing.T, chunk int, entries ...lt.Entry) (*memBlob, digest.Digest) {
+	t.Helper()
+	b, err := lt.Estargz(lt.Tar(entries...), estargz.WithChunkSize(chunk))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &memBlob{data: b.Data}, digest.Digest(b.TOCDigest)
+}
+
+func open(t *testing.T, b *memBlob, d digest.Digest, opts ...Option) *Layer {
+	t.Helper()
+	l, err := Open(context.Background(), b, append([]Option{WithTOCDigest(d)}, opts...)...)
+	if err != nil {
+		t.Fatalf("Open: %v", err)
+	}
+	return l
+}
+
+func lookup(t *testing.T, l *Layer, path ...string) *Node {
+	t.Helper()
+	n := l.Root()
+	for _, p := range path {
+		c, ok := n.Lookup(p)
+		if !ok {
+			t.Fatalf("lookup %v: %q not found in %s", path, p, n.Path())
+		}
+		n = c
+	}
+	return n
+}
+
+func readAll(t *testing.T, l *Layer, n *Node) []byte {
+	t.Helper()
+	out := make([]byte, n.Size)
+	if got, err := l.ReadAt(context.Background(), n, out, 0); got != len(out) || (err != nil && err != io.EOF) {
+		t.Fatalf("read %s: %d, %v", n.Path(), got, err)
+	}
+	return out
+}
+
+func TestTree(t *testing.T) {
+	big := lt.Random("big", 300_000)
+	blob, d := build(t, 64<<10,
+		lt.Dir("etc", lt.Mode(0o750), lt.Owner(1000, 1001)),
+		lt.FileString("etc/passwd", "root:x:0:0\n", lt.Mode(0o4755), lt.Xattr("user.note", "hi")),
+		lt.Hardlink("etc/passwd-link", "etc/passwd"),
+		lt.Hardlink("passwd-top", "etc/passwd"),
+		lt.Symlink("etc/link", "../usr/bin"),
+		lt.Char("null", 1, 3, lt.Mode(0o666)),
+		lt.Block("sda", 8, 0, lt.Mode(0o660)),
+		lt.Fifo("fifo"),
+		lt.Dir("tmp", lt.Mode(0o1777)),
+		lt.Dir("gone"),
+		lt.Whiteout("gone/file"),
+		lt.Whiteout("olddir"),
+		lt.Dir("opq"),
+		lt.Opaque("opq"),
+		lt.FileString("opq/new", "new"),
+		lt.FileString("both", "real"),
+		lt.Whiteout("both"),
+		lt.File("big", big),
+		lt.File("empty", nil),
+		lt.FileString("evil", "x", lt.Xattr("trusted.overlay.redirect", "/etc"), lt.Xattr("user.overlay.opaque", "y")),
+	)
+	l := open(t, blob, d)
+
+	root := l.Root()
+	names := []string{}
+	for _, c := range root.Children() {
+		names = append(names, c.Name)
+	}
+	wantNames := []string{"big", "both", "empty", "etc", "evil", "fifo", "gone", "null", "olddir", "opq", "passwd-top", "sda", "tmp"}
+	if !equal(names, wantNames) {
+		t.Errorf("root children = %q, want %q", names, wantNames)
+	}
+
+	etc := lookup(t, l, "etc")
+	if etc.Mode != os.ModeDir|0o750 || etc.UID != 1000 || etc.GID != 1001 {
+		t.Errorf("etc: mode %v owner %d:%d", etc.Mode, etc.UID, etc.GID)
+	}
+	passwd := lookup(t, l, "etc", "passwd")
+	if passwd.Mode != os.ModeSetuid|0o755 || string(passwd.Xattrs["user.note"]) != "hi" {
+		t.Errorf("passwd: mode %v xattrs %q", passwd.Mode, passwd.Xattrs)
+	}
+	if lookup(t, l, "etc", "passwd-link") != passwd || lookup(t, l, "passwd-top") != passwd || passwd.Nlink != 3 {
+		t.Errorf("hardlinks do not share one node with nlink 3 (nlink %d)", passwd.Nlink)
+	}
+	if string(readAll(t, l, lookup(t, l, "passwd-top"))) != "root:x:0:0\n" {
+		t.Error("hardlink content differs")
+	}
+	if ln := lookup(t, l, "etc", "link"); ln.Mode&os.ModeSymlink == 0 || ln.Link != "../usr/bin" {
+		t.Errorf("symlink: %v %q", ln.Mode, ln.Link)
+	}
+	if n := lookup(t, l, "null"); n.Mode != os.ModeDevice|os.ModeCharDevice|0o666 || n.Major != 1 || n.Minor != 3 {
+		t.Errorf("null: %v %d:%d", n.Mode, n.Major, n.Minor)
+	}
+	if n := lookup(t, l, "sda"); n.Mode != os.ModeDevice|0o660 || n.Major != 8 || n.Minor != 0 {
+		t.Errorf("sda: %v %d:%d", n.Mode, n.Major, n.Minor)
+	}
+	if n := lookup(t, l, "fifo"); n.Mode&os.ModeNamedPipe == 0 {
+		t.Errorf("fifo: %v", n.Mode)
+	}
+	if n := lookup(t, l, "tmp"); n.Mode != os.ModeDir|os.ModeSticky|0o777 {
+		t.Errorf("tmp: %v", n.Mode)
+	}
+	for _, p := range [][]string{{"gone", "file"}, {"olddir"}} {
+		n := lookup(t, l, p...)
+		if n.Mode != os.ModeDevice|os.ModeCharDevice || n.Major != 0 || n.Minor != 0 {
+			t.Errorf("whiteout %v: mode %v rdev %d:%d, want 0/0 char device", p, n.Mode, n.Major, n.Minor)
+		}
+	}
+	if len(lookup(t, l, "gone").Children()) != 1 {
+		t.Errorf("gone: %d children, want only the whiteout", len(lookup(t, l, "gone").Children()))
+	}
+	if both := lookup(t, l, "both"); !both.Mode.IsRegular() || string(readAll(t, l, both)) != "real" {
+		t.Errorf("both: a real file and its whiteout in one layer must show the file, got %v", both.Mode)
+	}
+	if v := lookup(t, l, "opq").Xattrs["trusted.overlay.opaque"]; string(v) != "y" {
+		t.Errorf("opq: opaque xattr = %q", v)
+	}
+	if _, ok := lookup(t, l, "opq").Lookup(".wh..wh..opq"); ok {
+		t.Error("opaque marker is visible")
+	}
+	if x := lookup(t, l, "evil").Xattrs; len(x) != 0 {
+		t.Errorf("overlay xattrs from the layer leak through: %q", x)
+	}
+	if !bytes.Equal(readAll(t, l, lookup(t, l, "big")), big) {
+		t.Error("big: content differs")
+	}
+	if n := lookup(t, l, "empty"); n.Size != 0 || len(readAll(t, l, n)) != 0 {
+		t.Error("empty is not empty")
+	}
+	// Directory link counts: 2 + subdirectories.
+	subdirs := 0
+	for _, c := range root.Children() {
+		if c.Node.IsDir() {
+			subdirs++
+		}
+	}
+	if root.Nlink != uint32(2+subdirs) {
+		t.Errorf("root nlink = %d, want %d", root.Nlink, 2+subdirs)
+	}
+	// Inode numbers are unique.
+	seen := map[uint64]string{}
+	var walk func(n *Node)
+	walk = func(n *Node) {
+		for _, c := range n.Children() {
+			if p, dup := seen[c.Node.Ino]; dup && c.Node != lookup(t, l, "passwd-top") {
+				t.Errorf("inode %d shared by %s and %s", c.Node.Ino, p, c.Node.Path())
+			}
+			seen[c.Node.Ino] = c.Node.Path()
+			walk(c.Node)
+		}
+	}
+	walk(root)
+}
+
+func TestUserXattrOpaque(t *testing.T) {
+	blob, d := build(t, 64<<10, lt.Dir("opq"), lt.Opaque("opq"))
+	l := open(t, blob, d, WithOpaqueXattr("user.overlay.opaque"))
+	x := lookup(t, l, "opq").Xattrs
+	if string(x["user.overlay.opaque"]) != "y" || len(x) != 1 {
+		t.Errorf("xattrs = %q, want only user.overlay.opaque=y", x)
+	}
+}
+
+func TestLandmarksHidden(t *testing.T) {
+	b, err := lt.Estargz(lt.Tar(lt.FileString("a", "first"), lt.FileString("b", "second")),
+		estargz.WithPrioritizedFiles([]string{"a"}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	l := open(t, &memBlob{data: b.Data}, digest.Digest(b.TOCDigest))
+	for _, c := range l.Root().Children() {
+		if c.Name == estargz.PrefetchLandmark || c.Name == estargz.NoPrefetchLandmark {
+			t.Errorf("%s is visible", c.Name)
+		}
+	}
+	if l.PrefetchBytes() <= 0 || l.PrefetchBytes() >= int64(len(b.Data)) {
+		t.Errorf("PrefetchBytes = %d", l.PrefetchBytes())
+	}
+}
+
+func TestOpenRequests(t *testing.T) {
+	var entries []lt.Entry
+	for i := range 3000 {
+		entries = append(entries, lt.FileString("d/"+string(rune('a'+i%26))+strconv.Itoa(i), strconv.Itoa(i)))
+	}
+	tests := []struct {
+		name string
+		tail int64
+		want int64
+	}{
+		{"TOC inside the tail: one request", 1 << 20, 1},
+		{"TOC larger than the tail: two requests", 4 << 10, 2},
+	}
+	blob, d := build(t, 64<<10, append([]lt.Entry{lt.Dir("d")}, entries...)...)
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			blob.reads.Store(0)
+			l := open(t, blob, d, WithTailSize(tt.tail))
+			if got := blob.reads.Load(); got != tt.want {
+				t.Errorf("Open made %d reads, want %d", got, tt.want)
+			}
+			if n := len(lookup(t, l, "d").Children()); n != 3000 {
+				t.Errorf("d has %d entries", n)
+			}
+		})
+	}
+}
+
+func TestVerification(t *testing.T) {
+	content := lt.Random("v", 200_000)
+	blob, d := build(t, 64<<10, lt.File("victim", content), lt.FileString("bystander", "fine"))
+	ctx := context.Background()
+
+	t.Run("no TOC digest is refused", func(t *testing.T) {
+		if _, err := Open(ctx, blob, WithTOCDigest("")); !errors.Is(err, ErrNoTOCDigest) {
+			t.Errorf("Open without digest = %v, want ErrNoTOCDigest", err)
+		}
+		if _, err := Open(ctx, blob, WithInsecureSkipVerify(true)); err != nil {
+			t.Errorf("Open with skip-verify: %v", err)
+		}
+	})
+	t.Run("wrong TOC digest is refused", func(t *testing.T) {
+		if _, err := Open(ctx, blob, WithTOCDigest(digest.FromString("other"))); err == nil {
+			t.Error("Open accepted a TOC with the wrong digest")
+		}
+	})
+	t.Run("flipped byte fails only that file", func(t *testing.T) {
+		l := open(t, blob, d)
+		victim := lookup(t, l, "victim")
+		// Flip a byte inside the victim's second chunk.
+		c := victim.chunks[1]
+		bad := &memBlob{data: append([]byte(nil), blob.data...)}
+		bad.data[c.blobOff+(c.blobEnd-c.blobOff)/2] ^= 0xff
+		l = open(t, bad, d)
+		victim = lookup(t, l, "victim")
+		p := make([]byte, 100)
+		if _, err := l.ReadAt(ctx, victim, p, c.off+10); !errors.Is(err, ErrCorrupt) {
+			t.Errorf("read of corrupt chunk = %v, want ErrCorrupt", err)
+		}
+		if _, err := l.ReadAt(ctx, victim, p, 0); err != nil {
+			t.Errorf("first chunk of victim: %v", err)
+		}
+		if got := readAll(t, l, lookup(t, l, "bystander")); string(got) != "fine" {
+			t.Errorf("bystander = %q", got)
+		}
+	})
+}
+
+func TestConcurrentReads(t *testing.T) {
+	content := lt.Random("c", 2<<20)
+	blob, d := build(t, 64<<10, lt.File("f", content))
+	l := open(t, blob, d, WithCache(NewCache(1<<20))) // smaller than the file: evictions happen
+	n := lookup(t, l, "f")
+	var wg sync.WaitGroup
+	for g := range 16 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			r := rand.New(rand.NewPCG(uint64(g), 1))
+			for range 200 {
+				off := r.Int64N(int64(len(content)))
+				p := make([]byte, 1+r.IntN(200_000))
+				got, err := l.ReadAt(context.Background(), n, p, off)
+				if err != nil && err != io.EOF {
+					t.Errorf("ReadAt(%d): %v", off, err)
+					return
+				}
+				if !bytes.Equal(p[:got], content[off:off+int64(got)]) {
+					t.Errorf("ReadAt(%d, %d) returned wrong bytes", off, len(p))
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+}
+
+func equal(a, b []string) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for i := range a {
+		if a[i] != b[i] {
+			return false
+		}
+	}
+	return true
+}
