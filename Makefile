@@ -1,0 +1,30 @@
+# stargz-mount: `make demo` shows the tool at work offline, `make test` runs
+# every test (root, FUSE, docker-registry, skopeo and umoci needed for the
+# end-to-end ones; `make deps` installs them on Debian).
+
+GO ?= go
+
+.PHONY: build demo test deps clean
+
+build:
+	$(GO) build -o bin/stargz-mount .
+
+# Builds, serves a small eStargz image from an in-process registry, mounts it,
+# reads it, runs a command in it with chroot and unmounts it. Needs root.
+demo:
+	@command -v fusermount3 >/dev/null || $(MAKE) deps
+	./scripts/demo.sh
+
+# The test command CI runs.
+test:
+	@test -z "$$(gofmt -l $$(git ls-files '*.go' | grep -v '^third_party/'))" || { gofmt -l $$(git ls-files '*.go' | grep -v '^third_party/'); echo "gofmt: files above need formatting"; exit 1; }
+	$(GO) vet ./...
+	$(GO) test -race -count=1 -timeout 30m ./...
+
+# Debian packages the tests use.
+deps:
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fuse3 docker-registry skopeo umoci
+
+clean:
+	rm -rf bin
