@@ -32,7 +32,7 @@ func (l *Layer) ReadAt(ctx context.Context, n *Node, p []byte, off int64) (int, 
 	done := 0
 	for ; i < len(n.chunks) && done < len(p); i++ {
 		c := &n.chunks[i]
-		data, err := l.chunk(ctx, n, c)
+		data, err := l.chunk(ctx, n, i)
 		if err != nil {
 			return done, err
 		}
@@ -44,19 +44,25 @@ func (l *Layer) ReadAt(ctx context.Context, n *Node, p []byte, off int64) (int, 
 	return done, nil
 }
 
-// chunk returns the decompressed, verified bytes of c.
-func (l *Layer) chunk(ctx context.Context, n *Node, c *chunk) ([]byte, error) {
-	key := l.name + "@" + strconv.FormatInt(c.blobOff, 10) + "+" + strconv.FormatInt(c.inner, 10)
+// readAhead bounds the compressed bytes one request fetches: on a miss, the
+// chunk asked for and the file's following chunks up to this size come in
+// one Range request, so a sequential reader does not pay a round trip per
+// chunk.
+const readAhead = 4 << 20
+
+func (l *Layer) key(c *chunk) string {
+	return l.name + "@" + strconv.FormatInt(c.blobOff, 10) + "+" + strconv.FormatInt(c.inner, 10)
+}
+
+// chunk returns the decompressed, verified bytes of n.chunks[i].
+func (l *Layer) chunk(ctx context.Context, n *Node, i int) ([]byte, error) {
+	c := &n.chunks[i]
+	key := l.key(c)
 	if b, ok := l.cache.get(key); ok && int64(len(b)) == c.size {
 		return b, nil
 	}
 	v, err, _ := l.flight.Do(key, func() (any, error) {
-		b, err := l.fetchChunk(ctx, c)
-		if err != nil {
-			return nil, err
-		}
-		l.cache.set(key, b)
-		return b, nil
+		return l.fetchRun(ctx, n, i)
 	})
 	if err != nil {
 		return nil, fmt.Errorf("read %s %s at %d: %w", l.name, n.Path(), c.off, err)
@@ -64,11 +70,46 @@ func (l *Layer) chunk(ctx context.Context, n *Node, c *chunk) ([]byte, error) {
 	return v.([]byte), nil
 }
 
-func (l *Layer) fetchChunk(ctx context.Context, c *chunk) ([]byte, error) {
-	comp := make([]byte, c.blobEnd-c.blobOff)
-	if err := readFull(ctx, l.blob, comp, c.blobOff); err != nil {
-		return nil, fmt.Errorf("fetch blob bytes %d-%d: %w", c.blobOff, c.blobEnd-1, err)
+// fetchRun fetches chunk i and, in the same request, the following chunks
+// of the file that are contiguous in the blob, not cached and within
+// readAhead. It caches every chunk that verifies and returns chunk i's bytes.
+func (l *Layer) fetchRun(ctx context.Context, n *Node, i int) ([]byte, error) {
+	first := &n.chunks[i]
+	last := i
+	for j := i + 1; j < len(n.chunks); j++ {
+		c := &n.chunks[j]
+		if c.blobOff != n.chunks[j-1].blobEnd || c.blobEnd-first.blobOff > readAhead {
+			break
+		}
+		if _, ok := l.cache.get(l.key(c)); ok {
+			break
+		}
+		last = j
 	}
+	comp := make([]byte, n.chunks[last].blobEnd-first.blobOff)
+	if err := readFull(ctx, l.blob, comp, first.blobOff); err != nil {
+		return nil, fmt.Errorf("fetch blob bytes %d-%d: %w", first.blobOff, first.blobOff+int64(len(comp))-1, err)
+	}
+	var want []byte
+	for j := i; j <= last; j++ {
+		c := &n.chunks[j]
+		data, err := decode(c, comp[c.blobOff-first.blobOff:c.blobEnd-first.blobOff])
+		if j == i {
+			if err != nil {
+				return nil, err
+			}
+			want = data
+		} else if err != nil {
+			// Read ahead only: the read of that chunk will report it.
+			break
+		}
+		l.cache.set(l.key(c), data)
+	}
+	return want, nil
+}
+
+// decode decompresses chunk c from its compressed bytes and verifies it.
+func decode(c *chunk, comp []byte) ([]byte, error) {
 	zr, err := gzip.NewReader(bytes.NewReader(comp))
 	if err != nil {
 		return nil, fmt.Errorf("%w: blob bytes %d-%d are not gzip: %v", ErrCorrupt, c.blobOff, c.blobEnd-1, err)

@@ -348,3 +348,28 @@ func BenchmarkReadSequential(b *testing.B) {
 		}
 	}
 }
+
+// TestReadAheadRequests checks that a sequential read of a file of many
+// small chunks costs a request per readAhead window, not one per chunk.
+func TestReadAheadRequests(t *testing.T) {
+	content := lt.Random("ra", 6<<20) // 96 chunks of 64 KiB, ~6 MiB compressed
+	blob, d := build(t, 64<<10, lt.File("f", content))
+	l := open(t, blob, d)
+	n := lookup(t, l, "f")
+	blob.reads.Store(0)
+	got := make([]byte, 0, len(content))
+	p := make([]byte, 128<<10)
+	for off := int64(0); off < n.Size; off += int64(len(p)) {
+		k, err := l.ReadAt(context.Background(), n, p, off)
+		if err != nil && err != io.EOF {
+			t.Fatal(err)
+		}
+		got = append(got, p[:k]...)
+	}
+	if !bytes.Equal(got, content) {
+		t.Fatal("content differs")
+	}
+	if r := blob.reads.Load(); r > 3 {
+		t.Errorf("sequential read of %d chunks made %d requests, want at most 3", len(n.chunks), r)
+	}
+}
