@@ -354,6 +354,10 @@ func TestLifecycle(t *testing.T) {
 		}
 		e.umount()
 		e.assertClean()
+		log, err := os.ReadFile(filepath.Join(e.cache, "stargz-mount.log"))
+		if err != nil || !strings.Contains(string(log), "msg=mounted") || !strings.Contains(string(log), "msg=unmounted") {
+			t.Errorf("daemon log: %v\n%s", err, log)
+		}
 	})
 }
 

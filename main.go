@@ -101,7 +101,7 @@ func mountFlags() []cli.Flag {
 	return []cli.Flag{
 		&cli.StringFlag{Name: "cache-dir", Value: defaultCacheDir(), Usage: "`DIR` for caches and per-mount state"},
 		&cli.StringFlag{Name: "cache-max-memory", Value: "256MiB", Usage: "memory for decompressed file data, in `SIZE` units (64MiB, 1GiB) or bytes"},
-		&cli.BoolFlag{Name: "daemon", Usage: "return once the mount is ready and serve it in the background"},
+		&cli.BoolFlag{Name: "daemon", Usage: "return once the mount is ready and serve it in the background, logging to stargz-mount.log in the cache dir"},
 		&cli.BoolFlag{Name: "writable", Usage: "make the rootfs writable; changes live in the state dir and are discarded at unmount"},
 		&cli.StringFlag{Name: "upper", Usage: "writable rootfs keeping changes in `DIR` (with --work, same file system)"},
 		&cli.StringFlag{Name: "work", Usage: "overlay work `DIR` for --upper"},
@@ -218,7 +218,7 @@ func mountAction(c *cli.Context) error {
 	}
 	ref, target := a[0], a[1]
 	if c.Bool("daemon") && os.Getenv(readyFDEnv) == "" {
-		return daemonize(target)
+		return daemonize(target, filepath.Join(c.String("cache-dir"), "stargz-mount.log"))
 	}
 	ready := func(error) {}
 	if fd := os.Getenv(readyFDEnv); fd != "" {
@@ -289,7 +289,15 @@ func serve(c *cli.Context, ref, target string, ready func(error)) error {
 
 // daemonize starts this command again in the background and waits until it
 // reports the mount ready or failed.
-func daemonize(target string) error {
+func daemonize(target, logPath string) error {
+	if err := os.MkdirAll(filepath.Dir(logPath), 0o700); err != nil {
+		return fmt.Errorf("--cache-dir: %w", err)
+	}
+	logFile, err := os.OpenFile(logPath, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
+	if err != nil {
+		return fmt.Errorf("open daemon log: %w", err)
+	}
+	defer logFile.Close()
 	r, w, err := os.Pipe()
 	if err != nil {
 		return err
@@ -307,8 +315,8 @@ func daemonize(target string) error {
 	cmd := exec.Command(exe, os.Args[1:]...)
 	cmd.Env = append(os.Environ(), readyFDEnv+"=3")
 	cmd.Stdin = devnull
-	cmd.Stdout = devnull
-	cmd.Stderr = devnull
+	cmd.Stdout = logFile
+	cmd.Stderr = logFile
 	cmd.ExtraFiles = []*os.File{w}
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
 	if err := cmd.Start(); err != nil {
