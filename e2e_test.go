@@ -16,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/containerd/stargz-snapshotter/estargz"
 	"golang.org/x/sys/unix"
 
 	lt "github.com/stargz-mount/stargz-mount/internal/layertest"
@@ -515,4 +516,53 @@ func TestConcurrentReaders(t *testing.T) {
 	wg.Wait()
 	e.umount()
 	e.assertClean()
+}
+
+// TestTamperedChunk flips one byte inside a chunk of a blob stored by the
+// real registry: reads of exactly that file fail with EIO, everything else
+// reads correctly, and the mount stays up.
+func TestTamperedChunk(t *testing.T) {
+	needFUSE(t)
+	reg := lt.DistributionRegistry(t)
+	victim := lt.Random("victim", 512<<10)
+	b, err := lt.Estargz(lt.Tar(lt.File("victim", victim), lt.FileString("bystander", "fine\n")),
+		estargz.WithChunkSize(64<<10))
+	if err != nil {
+		t.Fatal(err)
+	}
+	img, err := lt.Image(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ref := reg.Addr + "/tamper:1"
+	lt.Push(t, img, ref)
+	path := reg.BlobPath(b.Digest.String())
+	data, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The victim's data starts after the first tar header; a byte a few
+	// KiB into the blob lies in its first chunk's gzip stream.
+	data[8<<10] ^= 0xff
+	if err := os.WriteFile(path, data, 0o644); err != nil {
+		t.Fatal(err)
+	}
+
+	e := newEnv(t)
+	e.mount(ref)
+	if _, err := os.ReadFile(filepath.Join(e.target, "victim")); !errorsIs(err, syscall.EIO) {
+		t.Errorf("read of tampered file: %v, want EIO", err)
+	}
+	if got, err := os.ReadFile(filepath.Join(e.target, "bystander")); err != nil || string(got) != "fine\n" {
+		t.Errorf("bystander = %q, %v", got, err)
+	}
+	if _, err := os.Stat(filepath.Join(e.target, "victim")); err != nil {
+		t.Errorf("stat after failed read: %v", err)
+	}
+	e.umount()
+	e.assertClean()
+	log, _ := os.ReadFile(filepath.Join(e.cache, "stargz-mount.log"))
+	if !strings.Contains(string(log), "path=/victim") || !strings.Contains(string(log), b.Digest.String()) {
+		t.Errorf("log does not name layer and file:\n%s", log)
+	}
 }
