@@ -7,6 +7,8 @@ import (
 	"io"
 	"math/rand/v2"
 	"net"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -387,6 +389,12 @@ func TestMountErrors(t *testing.T) {
 	}
 	lt.Push(t, bare, host+"/bare:1")
 	dead := deadAddr(t)
+	denied := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("WWW-Authenticate", `Basic realm="test"`)
+		http.Error(w, `{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}`, http.StatusUnauthorized)
+	}))
+	t.Cleanup(denied.Close)
+	deniedHost := strings.TrimPrefix(denied.URL, "http://")
 
 	tests := []struct {
 		name   string
@@ -403,6 +411,7 @@ func TestMountErrors(t *testing.T) {
 		{"image does not exist", func(e *env) []string { return []string{host + "/nope:1", e.target} }, "not found", false},
 		{"tag does not exist", func(e *env) []string { return []string{host + "/ok:2", e.target} }, "not found", false},
 		{"unreachable registry", func(e *env) []string { return []string{dead + "/ok:1", e.target} }, "unreachable", false},
+		{"denied pull", func(e *env) []string { return []string{deniedHost + "/ok:1", e.target} }, "access denied", false},
 		{"plain gzip layer", func(e *env) []string { return []string{host + "/plain:1", e.target} }, "only eStargz", false},
 		{"no TOC digest annotation", func(e *env) []string { return []string{host + "/bare:1", e.target} }, "--insecure-skip-verify", false},
 		{"bad size flag", func(e *env) []string { return []string{"--cache-max-memory", "lots", host + "/ok:1", e.target} }, "--cache-max-memory", false},

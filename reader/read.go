@@ -8,6 +8,7 @@ import (
 	"io"
 	"sort"
 	"strconv"
+	"time"
 
 	"github.com/klauspost/compress/gzip"
 )
@@ -50,6 +51,9 @@ func (l *Layer) ReadAt(ctx context.Context, n *Node, p []byte, off int64) (int, 
 // chunk.
 const readAhead = 4 << 20
 
+// fetchTimeout bounds one chunk fetch, retries included.
+const fetchTimeout = 2 * time.Minute
+
 func (l *Layer) key(c *chunk) string {
 	return l.name + "@" + strconv.FormatInt(c.blobOff, 10) + "+" + strconv.FormatInt(c.inner, 10)
 }
@@ -62,7 +66,11 @@ func (l *Layer) chunk(ctx context.Context, n *Node, i int) ([]byte, error) {
 		return b, nil
 	}
 	v, err, _ := l.flight.Do(key, func() (any, error) {
-		return l.fetchRun(ctx, n, i)
+		// Other readers may wait on this fetch: one caller giving up (an
+		// interrupted read) must not fail theirs.
+		fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), fetchTimeout)
+		defer cancel()
+		return l.fetchRun(fctx, n, i)
 	})
 	if err != nil {
 		return nil, fmt.Errorf("read %s %s at %d: %w", l.name, n.Path(), c.off, err)
