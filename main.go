@@ -58,10 +58,9 @@ Example:
 Limits on hostile layers: a TOC of at most ` + sizeString(reader.MaxTOCBytes) + ` compressed, ` +
 			strconv.Itoa(reader.MaxEntries) + ` entries,
 paths at most ` + strconv.Itoa(reader.MaxDepth) + ` directories deep, chunks at most ` + sizeString(reader.MaxChunkSize) + `.`,
-		HideHelpCommand:        true,
-		UseShortOptionHandling: false,
-		Flags:                  append(mountFlags(), commonFlags()...),
-		Action:                 mountAction,
+		HideHelpCommand: true,
+		Flags:           append(mountFlags(), commonFlags()...),
+		Action:          mountAction,
 		Commands: []*cli.Command{
 			{
 				Name:      "umount",

@@ -35,7 +35,6 @@ type options struct {
 	keychain      authn.Keychain
 	transport     http.RoundTripper
 	logger        *slog.Logger
-	retries       int
 }
 
 // WithPlatform selects the image for platform p ("os/arch[/variant]") from an
@@ -57,7 +56,8 @@ func WithKeychain(k authn.Keychain) Option { return func(o *options) { o.keychai
 // default is a clone of http.DefaultTransport.
 func WithTransport(t http.RoundTripper) Option { return func(o *options) { o.transport = t } }
 
-// WithLogger sets the logger. The default discards nothing: slog.Default().
+// WithLogger sets the logger for retries and the like. The default is
+// slog.Default().
 func WithLogger(l *slog.Logger) Option { return func(o *options) { o.logger = l } }
 
 // ParsePlatform parses "os/arch[/variant]".
@@ -100,7 +100,7 @@ type Layer struct {
 // Resolve parses ref, fetches its manifest (picking the platform from an
 // index) and its config.
 func Resolve(ctx context.Context, ref string, opts ...Option) (*Image, error) {
-	o := options{keychain: authn.DefaultKeychain, logger: slog.Default(), retries: 3}
+	o := options{keychain: authn.DefaultKeychain, logger: slog.Default()}
 	for _, opt := range opts {
 		opt(&o)
 	}
@@ -140,17 +140,10 @@ func Resolve(ctx context.Context, ref string, opts ...Option) (*Image, error) {
 	if err != nil {
 		return nil, classify("fetch manifest", r.String(), err)
 	}
-	var img v1.Image
-	if desc.MediaType.IsIndex() {
-		img, err = desc.Image()
-		if err != nil {
-			return nil, classify(fmt.Sprintf("pick %s from index", platform), r.String(), err)
-		}
-	} else {
-		img, err = desc.Image()
-		if err != nil {
-			return nil, classify("read manifest", r.String(), err)
-		}
+	// For an index, Image picks the manifest of the platform asked for.
+	img, err := desc.Image()
+	if err != nil {
+		return nil, classify(fmt.Sprintf("pick %s", platformString(platform)), r.String(), err)
 	}
 	m, err := img.Manifest()
 	if err != nil {

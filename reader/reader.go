@@ -175,7 +175,8 @@ func (l *Layer) Name() string { return l.name }
 // TOCDigest is the digest of the layer's TOC JSON.
 func (l *Layer) TOCDigest() digest.Digest { return l.tocDigest }
 
-// Entries is the number of TOC entries, chunk entries included.
+// Entries is the number of TOC entries the tree holds: files, directories,
+// whiteouts and file chunks; hardlinks and landmarks are not counted.
 func (l *Layer) Entries() int { return l.entries }
 
 // Nodes is the number of nodes (inodes) in the tree.
