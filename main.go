@@ -55,7 +55,8 @@ Example:
    mkdir /mnt/app && stargz-mount --daemon registry.example.com/app:1.0 /mnt/app
    ls /mnt/app && stargz-mount umount /mnt/app
 
-Limits on hostile layers: a TOC of at most ` + sizeString(reader.MaxTOCBytes) + ` compressed, ` +
+Limits on hostile layers: a TOC of at most ` + sizeString(reader.MaxTOCBytes) + ` compressed and ` +
+			sizeString(reader.MaxTOCJSONBytes) + ` decompressed, ` +
 			strconv.Itoa(reader.MaxEntries) + ` entries,
 paths at most ` + strconv.Itoa(reader.MaxDepth) + ` directories deep, chunks at most ` + sizeString(reader.MaxChunkSize) + `.`,
 		HideHelpCommand: true,

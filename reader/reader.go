@@ -12,6 +12,7 @@
 package reader
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -19,6 +20,7 @@ import (
 	"log/slog"
 
 	"github.com/containerd/stargz-snapshotter/estargz"
+	"github.com/klauspost/compress/gzip"
 	"github.com/opencontainers/go-digest"
 	"golang.org/x/sync/singleflight"
 )
@@ -33,8 +35,11 @@ type Blob interface {
 const (
 	// MaxTOCBytes bounds the compressed TOC (and footer) read at open.
 	MaxTOCBytes = 64 << 20
+	// MaxTOCJSONBytes bounds the TOC once decompressed, so a small TOC
+	// cannot expand into gigabytes (a gzip bomb).
+	MaxTOCJSONBytes = 256 << 20
 	// MaxEntries bounds the number of TOC entries.
-	MaxEntries = 4 << 20
+	MaxEntries = 1 << 20
 	// MaxDepth bounds the number of path components of an entry.
 	MaxDepth = 256
 	// MaxChunkSize bounds the decompressed size of one chunk.
@@ -143,6 +148,9 @@ func Open(ctx context.Context, b Blob, opts ...Option) (*Layer, error) {
 	if err := tb.extend(ctx, tocOffset); err != nil {
 		return nil, fmt.Errorf("open %s: read TOC: %w", o.name, err)
 	}
+	if err := checkTOCSize(tb.tail[tocOffset-tb.off:]); err != nil {
+		return nil, fmt.Errorf("open %s: %w", o.name, err)
+	}
 	er, err := estargz.Open(sr, estargz.WithTOCOffset(tocOffset))
 	if err != nil {
 		return nil, fmt.Errorf("open %s: parse TOC: %w", o.name, err)
@@ -242,4 +250,22 @@ func readFull(ctx context.Context, b Blob, p []byte, off int64) error {
 		err = io.ErrUnexpectedEOF
 	}
 	return err
+}
+
+// checkTOCSize decompresses the TOC region (TOC gzip stream and footer) to
+// count its bytes before the estargz library parses it whole.
+func checkTOCSize(region []byte) error {
+	zr, err := gzip.NewReader(bytes.NewReader(region))
+	if err != nil {
+		return fmt.Errorf("TOC is not gzip: %w", err)
+	}
+	defer zr.Close()
+	n, err := io.Copy(io.Discard, io.LimitReader(zr, MaxTOCJSONBytes+1))
+	if n > MaxTOCJSONBytes {
+		return fmt.Errorf("TOC decompresses to more than the limit of %d bytes", MaxTOCJSONBytes)
+	}
+	if err != nil {
+		return fmt.Errorf("TOC: %w", err)
+	}
+	return nil
 }

@@ -3,11 +3,13 @@ package reader
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
 	"errors"
 	"io"
 	"math/rand/v2"
 	"os"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -372,4 +374,85 @@ func TestReadAheadRequests(t *testing.T) {
 	if r := blob.reads.Load(); r > 3 {
 		t.Errorf("sequential read of %d chunks made %d requests, want at most 3", len(n.chunks), r)
 	}
+}
+
+// TestHostileTOC opens blobs whose TOC a hostile builder wrote by hand.
+func TestHostileTOC(t *testing.T) {
+	reg := func(name string, size, off int64, extra ...func(*estargz.TOCEntry)) *estargz.TOCEntry {
+		e := &estargz.TOCEntry{Name: name, Type: "reg", Size: size, Offset: off, ChunkSize: size, ChunkDigest: digest.FromString("x").String()}
+		for _, f := range extra {
+			f(e)
+		}
+		return e
+	}
+	tests := []struct {
+		name    string
+		entries []*estargz.TOCEntry
+		want    string // in the error; "" means Open succeeds
+	}{
+		{"TOC gzip bomb", []*estargz.TOCEntry{{Name: strings.Repeat("a", MaxTOCJSONBytes), Type: "dir"}}, "TOC decompresses to more than"},
+		{"negative size", []*estargz.TOCEntry{reg("f", -5, 10)}, "negative size"},
+		{"chunk outside the blob", []*estargz.TOCEntry{reg("f", 10, 1<<40)}, "outside the layer data"},
+		{"chunk at offset 0", []*estargz.TOCEntry{reg("f", 10, 0)}, "outside the layer data"},
+		{"absurd chunk size", []*estargz.TOCEntry{reg("f", 1<<40, 10)}, "exceeds the limit"},
+		{"absurd inner offset", []*estargz.TOCEntry{reg("f", 10, 10, func(e *estargz.TOCEntry) { e.InnerOffset = 1 << 40 })}, "inner offset"},
+		{"missing chunk digest", []*estargz.TOCEntry{reg("f", 10, 5, func(e *estargz.TOCEntry) { e.ChunkDigest = "" })}, "no digest"},
+		{"bad chunk digest", []*estargz.TOCEntry{reg("f", 10, 5, func(e *estargz.TOCEntry) { e.ChunkDigest = "md5:zz" })}, "bad chunk digest"},
+		{"unknown type", []*estargz.TOCEntry{{Name: "x", Type: "socket"}}, "unknown entry type"},
+		{"device out of range", []*estargz.TOCEntry{{Name: "d", Type: "char", DevMajor: 1 << 20}}, "out of range"},
+		{"hardlink to a missing entry", []*estargz.TOCEntry{{Name: "l", Type: "hardlink", LinkName: "nowhere"}}, "isn't found"},
+		{"hardlink to a directory", []*estargz.TOCEntry{{Name: "d", Type: "dir"}, {Name: "l", Type: "hardlink", LinkName: "d"}}, "hardlink to a directory"},
+		{"too deep", deep(MaxDepth + 2), "nested deeper"},
+		{"dot-dot and absolute names are confined", []*estargz.TOCEntry{{Name: "../../etc", Type: "dir"}, {Name: "/abs", Type: "dir"}}, ""},
+		{"child of a non-directory is dropped", []*estargz.TOCEntry{{Name: "f", Type: "symlink", LinkName: "x"}, {Name: "f/child", Type: "dir"}}, ""},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			blob, d := handMade(t, tt.entries)
+			l, err := Open(context.Background(), blob, WithTOCDigest(d))
+			if tt.want == "" {
+				if err != nil {
+					t.Fatalf("Open: %v", err)
+				}
+				var walk func(n *Node)
+				walk = func(n *Node) {
+					for _, c := range n.Children() {
+						if !validName(c.Name) {
+							t.Errorf("invalid name %q under %s", c.Name, n.Path())
+						}
+						walk(c.Node)
+					}
+				}
+				walk(l.Root())
+				return
+			}
+			if err == nil || !strings.Contains(err.Error(), tt.want) {
+				t.Errorf("Open = %v, want error containing %q", err, tt.want)
+			}
+		})
+	}
+}
+
+func deep(n int) []*estargz.TOCEntry {
+	var out []*estargz.TOCEntry
+	p := "d"
+	for range n {
+		out = append(out, &estargz.TOCEntry{Name: p, Type: "dir"})
+		p += "/d"
+	}
+	return out
+}
+
+// handMade writes a blob of 10 bytes of gzip'd padding followed by the given
+// TOC and an eStargz footer.
+func handMade(t *testing.T, entries []*estargz.TOCEntry) (*memBlob, digest.Digest) {
+	t.Helper()
+	var buf bytes.Buffer
+	buf.Write(make([]byte, 10))
+	d, err := estargz.NewGzipCompressorWithLevel(1).WriteTOCAndFooter(&buf, int64(buf.Len()),
+		&estargz.JTOC{Version: 1, Entries: entries}, sha256.New())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &memBlob{data: buf.Bytes()}, d
 }

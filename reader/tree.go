@@ -323,6 +323,8 @@ func (b *builder) chunks(ent *estargz.TOCEntry, n *Node) error {
 		switch {
 		case size > MaxChunkSize:
 			return fmt.Errorf("%s: chunk of %d bytes exceeds the limit of %d", n.Path(), size, MaxChunkSize)
+		case c.InnerOffset > MaxChunkSize:
+			return fmt.Errorf("%s: chunk inner offset %d exceeds the limit of %d", n.Path(), c.InnerOffset, MaxChunkSize)
 		case c.Offset <= 0 || c.Offset >= end || c.InnerOffset < 0:
 			return fmt.Errorf("%s: chunk at blob offset %d (inner %d, end %d) lies outside the layer data", n.Path(), c.Offset, c.InnerOffset, end)
 		}
