@@ -4,7 +4,7 @@
 
 GO ?= go
 
-.PHONY: build demo test deps clean
+.PHONY: build demo test deps have-deps clean
 
 build:
 	$(GO) build -o bin/stargz-mount .
@@ -15,8 +15,13 @@ demo:
 	@command -v fusermount3 >/dev/null || $(MAKE) deps
 	./scripts/demo.sh
 
+# Installs the Debian packages the tests use if any is missing and we are root.
+have-deps:
+	@missing=; for c in fusermount3 docker-registry skopeo umoci; do command -v $$c >/dev/null || missing=1; done; \
+	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then $(MAKE) deps; fi
+
 # The test command CI runs.
-test:
+test: have-deps
 	@test -z "$$(gofmt -l $$(git ls-files '*.go' | grep -v '^third_party/'))" || { gofmt -l $$(git ls-files '*.go' | grep -v '^third_party/'); echo "gofmt: files above need formatting"; exit 1; }
 	$(GO) vet ./...
 	$(GO) test -race -count=1 -timeout 30m ./...
