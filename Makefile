@@ -25,6 +25,8 @@ test: have-deps
 	@test -z "$$(gofmt -l $$(git ls-files '*.go' | grep -v '^third_party/'))" || { gofmt -l $$(git ls-files '*.go' | grep -v '^third_party/'); echo "gofmt: files above need formatting"; exit 1; }
 	$(GO) vet ./...
 	$(GO) test -race -count=1 -timeout 30m ./...
+	$(GO) test -run XXX -fuzz '^FuzzTOC$$' -fuzztime 20s ./reader
+	$(GO) test -run XXX -fuzz '^FuzzDecode$$' -fuzztime 20s ./reader
 
 # Debian packages the tests use.
 deps:

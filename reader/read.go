@@ -118,6 +118,11 @@ func (l *Layer) fetchRun(ctx context.Context, n *Node, i int) ([]byte, error) {
 
 // decode decompresses chunk c from its compressed bytes and verifies it.
 func decode(c *chunk, comp []byte) ([]byte, error) {
+	// Deflate cannot expand data more than 1032 times: a TOC declaring more
+	// is lying, and believing it would allocate for nothing.
+	if c.inner+c.size > int64(len(comp))*1032+1024 {
+		return nil, fmt.Errorf("%w: chunk at blob offset %d declares %d bytes, more than %d compressed bytes can hold", ErrCorrupt, c.blobOff, c.inner+c.size, len(comp))
+	}
 	zr, err := gzip.NewReader(bytes.NewReader(comp))
 	if err != nil {
 		return nil, fmt.Errorf("%w: blob bytes %d-%d are not gzip: %v", ErrCorrupt, c.blobOff, c.blobEnd-1, err)

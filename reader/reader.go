@@ -12,8 +12,10 @@
 package reader
 
 import (
+	"archive/tar"
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -132,7 +134,7 @@ func Open(ctx context.Context, b Blob, opts ...Option) (*Layer, error) {
 		return nil, fmt.Errorf("open %s: read footer: %w", o.name, err)
 	}
 	sr := io.NewSectionReader(tb, 0, size)
-	tocOffset, _, err := estargz.OpenFooter(sr)
+	tocOffset, err := openFooter(sr)
 	if err != nil {
 		return nil, fmt.Errorf("open %s: %w (%v)", o.name, ErrNotEStargz, err)
 	}
@@ -148,10 +150,10 @@ func Open(ctx context.Context, b Blob, opts ...Option) (*Layer, error) {
 	if err := tb.extend(ctx, tocOffset); err != nil {
 		return nil, fmt.Errorf("open %s: read TOC: %w", o.name, err)
 	}
-	if err := checkTOCSize(tb.tail[tocOffset-tb.off:]); err != nil {
+	if err := checkTOC(tb.tail[tocOffset-tb.off:]); err != nil {
 		return nil, fmt.Errorf("open %s: %w", o.name, err)
 	}
-	er, err := estargz.Open(sr, estargz.WithTOCOffset(tocOffset))
+	er, err := openTOC(sr, tocOffset)
 	if err != nil {
 		return nil, fmt.Errorf("open %s: parse TOC: %w", o.name, err)
 	}
@@ -252,20 +254,76 @@ func readFull(ctx context.Context, b Blob, p []byte, off int64) error {
 	return err
 }
 
-// checkTOCSize decompresses the TOC region (TOC gzip stream and footer) to
-// count its bytes before the estargz library parses it whole.
-func checkTOCSize(region []byte) error {
+// checkTOC reads the TOC region (a gzip stream holding a tar with the TOC
+// JSON, then the footer) with bounds, and checks the sizes the estargz
+// library trusts when it allocates: it sizes a file's chunk list by
+// size/chunkSize, so one entry could otherwise ask for terabytes.
+func checkTOC(region []byte) error {
 	zr, err := gzip.NewReader(bytes.NewReader(region))
 	if err != nil {
 		return fmt.Errorf("TOC is not gzip: %w", err)
 	}
 	defer zr.Close()
-	n, err := io.Copy(io.Discard, io.LimitReader(zr, MaxTOCJSONBytes+1))
-	if n > MaxTOCJSONBytes {
-		return fmt.Errorf("TOC decompresses to more than the limit of %d bytes", MaxTOCJSONBytes)
+	lr := &io.LimitedReader{R: zr, N: MaxTOCJSONBytes + 1}
+	tr := tar.NewReader(lr)
+	for {
+		h, err := tr.Next()
+		if err != nil {
+			if lr.N <= 0 {
+				return fmt.Errorf("TOC decompresses to more than the limit of %d bytes", MaxTOCJSONBytes)
+			}
+			return fmt.Errorf("TOC has no %s: %v", estargz.TOCTarName, err)
+		}
+		if h.Name == estargz.TOCTarName {
+			break
+		}
 	}
-	if err != nil {
-		return fmt.Errorf("TOC: %w", err)
+	var toc struct {
+		Entries []struct {
+			Type      string `json:"type"`
+			Size      int64  `json:"size"`
+			ChunkSize int64  `json:"chunkSize"`
+		} `json:"entries"`
+	}
+	if err := json.NewDecoder(tr).Decode(&toc); err != nil {
+		if lr.N <= 0 {
+			return fmt.Errorf("TOC decompresses to more than the limit of %d bytes", MaxTOCJSONBytes)
+		}
+		return fmt.Errorf("TOC JSON: %w", err)
+	}
+	if len(toc.Entries) > MaxEntries {
+		return fmt.Errorf("TOC has %d entries, more than the limit of %d", len(toc.Entries), MaxEntries)
+	}
+	for i, e := range toc.Entries {
+		if e.Type != "reg" && e.Type != "chunk" {
+			continue
+		}
+		if e.Size < 0 || e.ChunkSize < 0 {
+			return fmt.Errorf("TOC entry %d: negative size", i)
+		}
+		if e.ChunkSize > 0 && e.Size/e.ChunkSize > MaxEntries {
+			return fmt.Errorf("TOC entry %d: %d bytes in chunks of %d is more than %d chunks", i, e.Size, e.ChunkSize, MaxEntries)
+		}
 	}
 	return nil
+}
+
+// openFooter and openTOC call the estargz library, turning its panics on
+// malformed input (found by FuzzOpen: a slice out of range in ParseFooter)
+// into errors.
+func openFooter(sr *io.SectionReader) (off int64, err error) {
+	defer recoverInto(&err)
+	off, _, err = estargz.OpenFooter(sr)
+	return off, err
+}
+
+func openTOC(sr *io.SectionReader, tocOffset int64) (r *estargz.Reader, err error) {
+	defer recoverInto(&err)
+	return estargz.Open(sr, estargz.WithTOCOffset(tocOffset))
+}
+
+func recoverInto(err *error) {
+	if p := recover(); p != nil {
+		*err = fmt.Errorf("malformed eStargz data: %v", p)
+	}
 }

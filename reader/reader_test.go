@@ -392,6 +392,7 @@ func TestHostileTOC(t *testing.T) {
 	}{
 		{"TOC gzip bomb", []*estargz.TOCEntry{{Name: strings.Repeat("a", MaxTOCJSONBytes), Type: "dir"}}, "TOC decompresses to more than"},
 		{"negative size", []*estargz.TOCEntry{reg("f", -5, 10)}, "negative size"},
+		{"chunk list of terabytes", []*estargz.TOCEntry{reg("f", 1<<60, 10, func(e *estargz.TOCEntry) { e.ChunkSize = 1 })}, "more than"},
 		{"chunk outside the blob", []*estargz.TOCEntry{reg("f", 10, 1<<40)}, "outside the layer data"},
 		{"chunk at offset 0", []*estargz.TOCEntry{reg("f", 10, 0)}, "outside the layer data"},
 		{"absurd chunk size", []*estargz.TOCEntry{reg("f", 1<<40, 10)}, "exceeds the limit"},
