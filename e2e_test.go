@@ -574,4 +574,22 @@ func TestTamperedChunk(t *testing.T) {
 	if !strings.Contains(string(log), "path=/victim") || !strings.Contains(string(log), b.Digest.String()) {
 		t.Errorf("log does not name layer and file:\n%s", log)
 	}
+
+	// Alter the TOC instead (a byte in the middle of the TOC region, which
+	// sits between the data and the 51-byte footer): the mount is refused.
+	data[8<<10] ^= 0xff // restore the chunk
+	tocOff := len(b.Data) - 51 - 200
+	data[tocOff] ^= 0x01
+	if err := os.WriteFile(path, data, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	out, err := e.cmd("--daemon", ref, e.target).CombinedOutput()
+	if err == nil {
+		t.Fatalf("mount with an altered TOC succeeded")
+	}
+	t.Logf("altered TOC: %s", out)
+	if !strings.Contains(string(out), "layer 0") || !strings.Contains(string(out), "does not match") {
+		t.Errorf("error does not name the layer: %s", out)
+	}
+	e.assertClean()
 }
