@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"io"
 	"math/rand/v2"
-	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -388,7 +387,7 @@ func TestMountErrors(t *testing.T) {
 		t.Fatal(err)
 	}
 	lt.Push(t, bare, host+"/bare:1")
-	dead := deadAddr(t)
+	dead := lt.ClosedAddr(t)
 	denied := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("WWW-Authenticate", `Basic realm="test"`)
 		http.Error(w, `{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}`, http.StatusUnauthorized)
@@ -453,15 +452,6 @@ func TestMountErrors(t *testing.T) {
 	})
 }
 
-func deadAddr(t *testing.T) string {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := l.Addr().String()
-	l.Close()
-	return addr
-}
 
 // TestConcurrentReaders reads every file of a 200 MiB layer from 16
 // goroutines in different orders and checks every byte.

@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"io"
 	"log"
-	"net"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
@@ -21,6 +20,8 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/mutate"
 	"github.com/google/go-containerregistry/pkg/v1/random"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
+
+	lt "github.com/stargz-mount/stargz-mount/internal/layertest"
 )
 
 // serve runs go-containerregistry's in-process registry, optionally wrapped,
@@ -107,7 +108,7 @@ func TestResolve(t *testing.T) {
 		{name: "missing tag", ref: host + "/app:nope", kind: KindNotFound},
 		{name: "missing repo", ref: host + "/nothing:here", kind: KindNotFound},
 		{name: "bad reference", ref: "UPPER/Case::x", kind: KindBadReference},
-		{name: "unreachable", ref: closedPort(t) + "/app:1.0", kind: KindUnreachable},
+		{name: "unreachable", ref: lt.ClosedAddr(t) + "/app:1.0", kind: KindUnreachable},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -149,15 +150,6 @@ func mustRandom(t *testing.T) v1.Image {
 	return img
 }
 
-func closedPort(t *testing.T) string {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := l.Addr().String()
-	l.Close()
-	return addr
-}
 
 func TestBlobReadAt(t *testing.T) {
 	tests := []struct {

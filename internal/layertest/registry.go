@@ -178,3 +178,16 @@ func Push(t testing.TB, img v1.Image, ref string) {
 		t.Fatalf("push %s: %v", ref, err)
 	}
 }
+
+// ClosedAddr returns a loopback host:port that nothing listens on, for
+// "registry unreachable" tests.
+func ClosedAddr(t testing.TB) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := l.Addr().String()
+	l.Close()
+	return addr
+}
