@@ -452,7 +452,6 @@ func TestMountErrors(t *testing.T) {
 	})
 }
 
-
 // TestConcurrentReaders reads every file of a 200 MiB layer from 16
 // goroutines in different orders and checks every byte.
 func TestConcurrentReaders(t *testing.T) {

@@ -150,7 +150,6 @@ func mustRandom(t *testing.T) v1.Image {
 	return img
 }
 
-
 func TestBlobReadAt(t *testing.T) {
 	tests := []struct {
 		name    string
