@@ -27,6 +27,15 @@ import (
 var binary string
 
 func TestMain(m *testing.M) {
+	// Everything this run creates lives under one root, so the leftover
+	// check below sees only this run's mounts, not those of another run
+	// on the same machine.
+	root, err := os.MkdirTemp("", "sgz-run")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	os.Setenv("TMPDIR", root)
 	dir, err := os.MkdirTemp("", "stargz-mount-bin")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
@@ -40,19 +49,19 @@ func TestMain(m *testing.M) {
 	code := m.Run()
 	os.RemoveAll(dir)
 	// No test may leave a mount behind, whatever happened to it.
-	if left := leftMounts("stargz-mount"); len(left) > 0 {
+	if left := leftMounts(root); len(left) > 0 {
 		fmt.Fprintf(os.Stderr, "mounts left behind: %q\n", left)
 		for _, m := range left {
 			unix.Unmount(m, unix.MNT_DETACH)
 		}
 		code = 1
 	}
+	os.RemoveAll(root)
 	os.Exit(code)
 }
 
-// leftMounts lists mounts whose source or target mentions substr, or that
-// are overlays on a test temp dir.
-func leftMounts(substr string) []string {
+// leftMounts lists mounts whose target is under dir.
+func leftMounts(dir string) []string {
 	b, _ := os.ReadFile("/proc/self/mounts")
 	var out []string
 	for _, line := range strings.Split(string(b), "\n") {
@@ -60,7 +69,7 @@ func leftMounts(substr string) []string {
 		if len(f) < 3 {
 			continue
 		}
-		if strings.Contains(f[0], substr) || (f[2] == "overlay" && strings.HasPrefix(f[1], os.TempDir())) {
+		if f[1] == dir || strings.HasPrefix(f[1], dir+"/") {
 			out = append(out, f[1])
 		}
 	}
