@@ -1,0 +1,75 @@
+package netshape
+
+import (
+	"bytes"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"sync"
+	"testing"
+	"time"
+)
+
+func TestProxy(t *testing.T) {
+	body := bytes.Repeat([]byte("0123456789abcdef"), 1<<16) // 1 MiB
+	var gotHost string
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		gotHost = r.Host
+		w.Write(body)
+	}))
+	t.Cleanup(srv.Close)
+
+	tests := []struct {
+		name    string
+		opts    []Option
+		clients int
+		atLeast time.Duration // shaping can only slow things down
+	}{
+		{"unshaped", nil, 1, 0},
+		{"delay", []Option{WithDelay(50 * time.Millisecond)}, 1, 50 * time.Millisecond},
+		// Two clients share 10 MB/s: 2 MiB take ≥ 0.2 s together.
+		{"shared bandwidth", []Option{WithBandwidth(10e6)}, 2, 200 * time.Millisecond},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			p, err := New(srv.URL, tc.opts...)
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { p.Close() })
+			start := time.Now()
+			var wg sync.WaitGroup
+			for range tc.clients {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					resp, err := http.Get(p.URL() + "/x")
+					if err != nil {
+						t.Error(err)
+						return
+					}
+					defer resp.Body.Close()
+					got, err := io.ReadAll(resp.Body)
+					if err != nil || !bytes.Equal(got, body) {
+						t.Errorf("body: %d bytes, err %v", len(got), err)
+					}
+				}()
+			}
+			wg.Wait()
+			if el := time.Since(start); el < tc.atLeast {
+				t.Errorf("took %v, want at least %v", el, tc.atLeast)
+			}
+			want := Stats{Requests: int64(tc.clients), Bytes: int64(tc.clients * len(body))}
+			if got := p.Stats(); got != want {
+				t.Errorf("Stats() = %+v, want %+v", got, want)
+			}
+			if gotHost != p.Addr() {
+				t.Errorf("server saw Host %q, want the proxy's %q", gotHost, p.Addr())
+			}
+			p.Reset()
+			if got := p.Stats(); got != (Stats{}) {
+				t.Errorf("after Reset: %+v", got)
+			}
+		})
+	}
+}
