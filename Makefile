@@ -27,6 +27,7 @@ test: have-deps
 	$(GO) test -race -count=1 -timeout 30m ./...
 	$(GO) test -run XXX -fuzz '^FuzzTOC$$' -fuzztime 20s ./reader
 	$(GO) test -run XXX -fuzz '^FuzzDecode$$' -fuzztime 20s ./reader
+	$(GO) test -run XXX -fuzz '^FuzzOpen$$' -fuzztime 20s -fuzzminimizetime 2s ./reader
 
 # Debian packages the tests use.
 deps:
