@@ -73,3 +73,32 @@ func TestProxy(t *testing.T) {
 		})
 	}
 }
+
+// BenchmarkSingleStream reports how close one stream gets to the bandwidth
+// cap (cap_fraction): the proxy should shape a link, not be the bottleneck.
+func BenchmarkSingleStream(b *testing.B) {
+	const cap = 100e6
+	body := bytes.Repeat([]byte{7}, 32<<20)
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { w.Write(body) }))
+	b.Cleanup(srv.Close)
+	p, err := New(srv.URL, WithBandwidth(cap))
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { p.Close() })
+	b.SetBytes(int64(len(body)))
+	start := time.Now()
+	for b.Loop() {
+		resp, err := http.Get(p.URL() + "/x")
+		if err != nil {
+			b.Fatal(err)
+		}
+		n, _ := io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		if n != int64(len(body)) {
+			b.Fatalf("got %d bytes", n)
+		}
+	}
+	rate := float64(b.N) * float64(len(body)) / time.Since(start).Seconds()
+	b.ReportMetric(rate/cap, "cap_fraction")
+}
