@@ -260,6 +260,9 @@ func serve(c *cli.Context, ref, target string, ready func(error)) error {
 	if err != nil {
 		return err
 	}
+	if store != nil {
+		fopts = append(fopts, fetcher.WithMetadataStore(store))
+	}
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
