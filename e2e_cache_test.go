@@ -2,11 +2,13 @@ package main
 
 import (
 	"bytes"
+	"encoding/json"
 	"fmt"
 	"io"
 	"log"
 	"net/http/httptest"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -175,5 +177,136 @@ func TestCorruptCacheFile(t *testing.T) {
 		if got, err := os.ReadFile(p); err != nil || !bytes.Equal(got, b) {
 			t.Errorf("%s not repaired: %v", filepath.Base(p), err)
 		}
+	}
+}
+
+// sibling returns an env sharing e's cache dir with a mount point of its own.
+func (e *env) sibling() *env {
+	e.t.Helper()
+	s := &env{t: e.t, cache: e.cache, target: filepath.Join(e.t.TempDir(), "mnt")}
+	if err := os.Mkdir(s.target, 0o755); err != nil {
+		e.t.Fatal(err)
+	}
+	e.t.Cleanup(func() {
+		if mounted(s.target) {
+			exec.Command(binary, "umount", s.target).Run()
+		}
+	})
+	return s
+}
+
+func layerDigests(t *testing.T, img v1.Image) []string {
+	t.Helper()
+	ls, err := img.Layers()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []string
+	for _, l := range ls {
+		d, _ := l.Digest()
+		out = append(out, d.String())
+	}
+	return out
+}
+
+type lsEntry struct {
+	Name    string `json:"name"`
+	Kind    string `json:"kind"`
+	Entries int    `json:"entries"`
+	Bytes   int64  `json:"bytes"`
+	InUse   bool   `json:"inUse"`
+}
+
+func (e *env) cacheLs() map[string]lsEntry {
+	e.t.Helper()
+	out, err := exec.Command(binary, "cache", "ls", "--json", "--cache-dir", e.cache).Output()
+	if err != nil {
+		e.t.Fatalf("cache ls: %v", err)
+	}
+	var list []lsEntry
+	if err := json.Unmarshal(out, &list); err != nil {
+		e.t.Fatalf("cache ls output: %v\n%s", err, out)
+	}
+	m := map[string]lsEntry{}
+	for _, g := range list {
+		m[g.Name] = g
+	}
+	return m
+}
+
+// TestCachePrune: prune removes what no live mount needs and keeps the
+// layers of a live one, which keeps reading.
+func TestCachePrune(t *testing.T) {
+	needFUSE(t)
+	host := lt.InProcessRegistry(t)
+	wantA, entriesA := files(6, 100<<10)
+	wantB, entriesB := files(5, 90<<10)
+	imgA, err := lt.BuildImage(64<<10, entriesA)
+	if err != nil {
+		t.Fatal(err)
+	}
+	imgB, err := lt.BuildImage(64<<10, entriesB, []lt.Entry{lt.FileString("b", "b\n")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	lt.Push(t, imgA, host+"/a:1")
+	lt.Push(t, imgB, host+"/b:1")
+	a := newEnv(t)
+	b := a.sibling()
+	b.mount(host + "/b:1")
+	checkFiles(t, b.target, wantB)
+	b.umount()
+	a.mount(host + "/a:1")
+	checkFiles(t, a.target, wantA)
+
+	ls := a.cacheLs()
+	var total int64
+	for _, g := range ls {
+		total += g.Bytes
+	}
+	for _, d := range layerDigests(t, imgA) {
+		if g := ls[d]; !g.InUse || g.Entries < 6 || g.Kind != "layer" {
+			t.Errorf("live layer %s: %+v", d, g)
+		}
+	}
+	for _, d := range layerDigests(t, imgB) {
+		if g, ok := ls[d]; !ok || g.InUse {
+			t.Errorf("idle layer %s: %+v", d, g)
+		}
+	}
+	if ls["meta"].Kind != "metadata" || ls["meta"].Entries < 4 {
+		t.Errorf("metadata: %+v", ls["meta"])
+	}
+	out, err := exec.Command(binary, "cache", "du", "--cache-dir", a.cache).Output()
+	if err != nil || !strings.Contains(string(out), fmt.Sprintf("\t%d bytes\t", total)) {
+		t.Errorf("cache du = %q, %v; want %d bytes", out, err, total)
+	}
+
+	out, err = exec.Command(binary, "cache", "prune", "--all", "--cache-dir", a.cache).CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "kept 1 layer(s) of live mounts") {
+		t.Errorf("prune --all: %v: %s", err, out)
+	}
+	ls = a.cacheLs()
+	for _, d := range layerDigests(t, imgB) {
+		if _, ok := ls[d]; ok {
+			t.Errorf("idle layer %s kept by prune --all", d)
+		}
+	}
+	for _, d := range layerDigests(t, imgA) {
+		if g := ls[d]; g.Entries < 6 {
+			t.Errorf("live layer %s pruned: %+v", d, g)
+		}
+	}
+	os.WriteFile("/proc/sys/vm/drop_caches", []byte("1"), 0)
+	checkFiles(t, a.target, wantA)
+	a.umount()
+	a.assertClean()
+
+	// Not live any more: --max 0 takes it.
+	if out, err := exec.Command(binary, "cache", "prune", "--max", "0", "--cache-dir", a.cache).CombinedOutput(); err != nil {
+		t.Fatalf("prune --max 0: %v: %s", err, out)
+	}
+	if ls := a.cacheLs(); len(ls) != 0 {
+		t.Errorf("left after prune --max 0: %+v", ls)
 	}
 }
