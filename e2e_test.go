@@ -78,7 +78,7 @@ func leftMounts(dir string) []string {
 
 // needFUSE skips tests that mount unless running as root with /dev/fuse and
 // fusermount3, which is how CI runs them.
-func needFUSE(t *testing.T) {
+func needFUSE(t testing.TB) {
 	t.Helper()
 	if os.Geteuid() != 0 {
 		t.Skip("needs root to mount overlayfs (CI runs this as root)")
@@ -93,12 +93,12 @@ func needFUSE(t *testing.T) {
 
 // env is one test's cache dir and mount point.
 type env struct {
-	t      *testing.T
+	t      testing.TB
 	cache  string
 	target string
 }
 
-func newEnv(t *testing.T) *env {
+func newEnv(t testing.TB) *env {
 	t.Helper()
 	// A short cache dir keeps the overlay's lowerdir option short.
 	cache, err := os.MkdirTemp("", "sgz")

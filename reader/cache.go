@@ -7,6 +7,7 @@ import (
 	"sync"
 
 	"github.com/dgraph-io/ristretto/v2"
+	"golang.org/x/sync/singleflight"
 )
 
 // Store is a cache below memory, such as the on-disk lru.Store. Keys are
@@ -37,7 +38,8 @@ func WithStore(s Store) CacheOption { return func(c *Cache) { c.store = s } }
 // offered to ristretto, which keeps the ones worth keeping.
 type Cache struct {
 	c     *ristretto.Cache[string, []byte]
-	store Store // nil: memory only
+	store Store              // nil: memory only
+	loads singleflight.Group // one store read per key at a time
 
 	mu        sync.Mutex // guards recent, index and used
 	recent    *list.List // of *entry, most recent first
@@ -88,11 +90,18 @@ func (c *Cache) get(key string) ([]byte, bool) {
 	if c.store == nil {
 		return nil, false
 	}
-	b, ok := c.store.Get(storeKey(key))
-	if ok {
+	// The kernel reads ahead in parallel: the reads of one chunk that
+	// miss together share one store read.
+	v, _, _ := c.loads.Do(key, func() (any, error) {
+		b, ok := c.store.Get(storeKey(key))
+		if !ok {
+			return nil, nil
+		}
 		c.setMemory(key, b)
-	}
-	return b, ok
+		return b, nil
+	})
+	b, _ := v.([]byte)
+	return b, b != nil
 }
 
 func (c *Cache) getMemory(key string) ([]byte, bool) {
