@@ -25,7 +25,7 @@ test: have-deps
 	@test -z "$$(gofmt -l $$(git ls-files '*.go' | grep -v '^third_party/'))" || { gofmt -l $$(git ls-files '*.go' | grep -v '^third_party/'); echo "gofmt: files above need formatting"; exit 1; }
 	$(GO) vet ./...
 	$(GO) test -race -count=1 -timeout 30m ./...
-	$(GO) test -count=1 -timeout 20m -run 'TestCacheBounds' .
+	$(GO) test -count=1 -timeout 20m -run 'TestCacheBounds|TestHugeTOCMemory' .
 	$(GO) test -run XXX -fuzz '^FuzzTOC$$' -fuzztime 20s ./reader
 	$(GO) test -run XXX -fuzz '^FuzzDecode$$' -fuzztime 20s ./reader
 	$(GO) test -run XXX -fuzz '^FuzzOpen$$' -fuzztime 20s -fuzzminimizetime 2s ./reader

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"compress/gzip"
 	"crypto/sha256"
 	"fmt"
@@ -17,6 +18,8 @@ import (
 	"time"
 
 	"github.com/containerd/stargz-snapshotter/estargz"
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/opencontainers/go-digest"
 
 	lt "github.com/stargz-mount/stargz-mount/internal/layertest"
 )
@@ -128,7 +131,7 @@ func (e *env) startServer(ref string, flags ...string) *exec.Cmd {
 		e.t.Fatal(err)
 	}
 	e.t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait(); logf.Close() })
-	for range 400 {
+	for range 2400 { // 60 s: the machine may be busy
 		if mounted(e.target) {
 			return cmd
 		}
@@ -302,4 +305,82 @@ func assertCount(t *testing.T, cache string) {
 	if disk := chunkDiskBytes(cache); n != disk {
 		t.Errorf("cache du says %d bytes, files hold %d", n, disk)
 	}
+}
+
+// TestHugeTOCMemory mounts a layer whose TOC has 200 000 entries with a
+// 64 MiB memory budget and measures the server's peak RSS.
+func TestHugeTOCMemory(t *testing.T) {
+	needFUSE(t)
+	skipHeavy(t)
+	const files = 200_000
+	host := lt.InProcessRegistry(t)
+	start := time.Now()
+	// estargz.Build takes about 2 ms per file; write the TOC by hand: 200
+	// directories, empty files, and three files with data.
+	var data bytes.Buffer
+	data.Write(make([]byte, 10))
+	entries := make([]*estargz.TOCEntry, 0, files+200)
+	for d := range 200 {
+		entries = append(entries, &estargz.TOCEntry{Name: fmt.Sprintf("d%03d/", d), Type: "dir", Mode: 0o755})
+	}
+	withData := map[int]bool{0: true, 99_999: true, files - 1: true}
+	for i := range files {
+		e := &estargz.TOCEntry{Name: fmt.Sprintf("d%03d/file-%06d", i%200, i), Type: "reg", Mode: 0o644}
+		if withData[i] {
+			content := strconv.Itoa(i)
+			e.Offset, e.Size, e.ChunkSize = int64(data.Len()), int64(len(content)), int64(len(content))
+			e.ChunkDigest = digest.FromString(content).String()
+			zw := gzip.NewWriter(&data)
+			io.WriteString(zw, content)
+			zw.Close()
+		}
+		entries = append(entries, e)
+	}
+	tocDigest, err := estargz.NewGzipCompressorWithLevel(1).WriteTOCAndFooter(&data, int64(data.Len()),
+		&estargz.JTOC{Version: 1, Entries: entries}, sha256.New())
+	if err != nil {
+		t.Fatal(err)
+	}
+	blobDigest, _, _ := v1.SHA256(bytes.NewReader(data.Bytes()))
+	img, err := lt.Image(&lt.Blob{Data: data.Bytes(), Digest: blobDigest, DiffID: blobDigest, TOCDigest: tocDigest.String()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	lt.Push(t, img, host+"/toc:1")
+	t.Logf("built a %d-entry layer (TOC of %d KiB) in %v", len(entries), data.Len()>>10, time.Since(start).Round(time.Millisecond))
+
+	e := newEnv(t)
+	cmd := e.startServer(host+"/toc:1", "--cache-max-memory", "64MiB")
+	afterMount := peakRSS(t, cmd.Process.Pid)
+	for _, i := range []int{0, 99_999, files - 1} {
+		name := fmt.Sprintf("d%03d/file-%06d", i%200, i)
+		if b, err := os.ReadFile(filepath.Join(e.target, name)); err != nil || string(b) != strconv.Itoa(i) {
+			t.Errorf("%s = %q, %v", name, b, err)
+		}
+	}
+	rss := currentRSS(t, cmd.Process.Pid)
+	t.Logf("%d entries, 64 MiB budget: peak RSS %.1f MiB (during TOC parse), RSS after mount %.1f MiB",
+		len(entries), float64(afterMount)/(1<<20), float64(rss)/(1<<20))
+	if rss > 128<<20 {
+		t.Errorf("RSS after mount %d MiB, over budget + 64 MiB", rss>>20)
+	}
+	e.umount()
+	e.assertClean()
+}
+
+// currentRSS is a process's resident set (VmRSS) in bytes.
+func currentRSS(t *testing.T, pid int) int64 {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		if rest, ok := strings.CutPrefix(l, "VmRSS:"); ok {
+			kb, _ := strconv.ParseInt(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(rest), "kB")), 10, 64)
+			return kb << 10
+		}
+	}
+	t.Fatal("no VmRSS")
+	return 0
 }

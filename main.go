@@ -291,6 +291,10 @@ func serve(c *cli.Context, ref, target string, ready func(error)) error {
 	if err != nil {
 		return err
 	}
+	// Parsing TOCs leaves garbage several times the size of the trees
+	// kept (the estargz library decodes every entry into a large struct):
+	// give it back to the OS now rather than hold it as RSS.
+	debug.FreeOSMemory()
 	m, err := mount.Mount(ctx, layers, target, mount.Options{
 		StateDir: c.String("cache-dir"),
 		Writable: c.Bool("writable"),
