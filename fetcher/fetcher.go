@@ -35,7 +35,17 @@ type options struct {
 	keychain      authn.Keychain
 	transport     http.RoundTripper
 	logger        *slog.Logger
+	fetchTimeout  time.Duration
+	stallTimeout  time.Duration
+	maxConcurrent int
 }
+
+// Defaults of the blob read options.
+const (
+	DefaultFetchTimeout         = 30 * time.Second
+	DefaultStallTimeout         = 10 * time.Second
+	DefaultMaxConcurrentFetches = 8
+)
 
 // WithPlatform selects the image for platform p ("os/arch[/variant]") from an
 // index. The default is the host's platform.
@@ -60,6 +70,19 @@ func WithTransport(t http.RoundTripper) Option { return func(o *options) { o.tra
 // slog.Default().
 func WithLogger(l *slog.Logger) Option { return func(o *options) { o.logger = l } }
 
+// WithFetchTimeout bounds one blob read, retries included: past it the
+// read fails with the last cause. Default DefaultFetchTimeout (30s).
+func WithFetchTimeout(d time.Duration) Option { return func(o *options) { o.fetchTimeout = d } }
+
+// WithStallTimeout cancels and retries a request that receives no data for
+// d. Default DefaultStallTimeout (10s), and never more than a third of the
+// fetch timeout.
+func WithStallTimeout(d time.Duration) Option { return func(o *options) { o.stallTimeout = d } }
+
+// WithMaxConcurrentFetches bounds the blob requests in flight to one host.
+// Default DefaultMaxConcurrentFetches (8).
+func WithMaxConcurrentFetches(n int) Option { return func(o *options) { o.maxConcurrent = n } }
+
 // ParsePlatform parses "os/arch[/variant]".
 func ParsePlatform(s string) (*v1.Platform, error) {
 	parts := strings.Split(s, "/")
@@ -83,10 +106,13 @@ type Image struct {
 	Config   *v1.ConfigFile
 	Layers   []Layer // bottom first
 
-	repo   name.Repository
-	scheme string
-	client *http.Client
-	logger *slog.Logger
+	repo         name.Repository
+	scheme       string
+	client       *http.Client
+	logger       *slog.Logger
+	fetchTimeout time.Duration
+	stallTimeout time.Duration
+	limits       *hostLimits
 }
 
 // Layer describes one layer blob of an image.
@@ -100,9 +126,19 @@ type Layer struct {
 // Resolve parses ref, fetches its manifest (picking the platform from an
 // index) and its config.
 func Resolve(ctx context.Context, ref string, opts ...Option) (*Image, error) {
-	o := options{keychain: authn.DefaultKeychain, logger: slog.Default()}
+	o := options{keychain: authn.DefaultKeychain, logger: slog.Default(), fetchTimeout: DefaultFetchTimeout,
+		stallTimeout: DefaultStallTimeout, maxConcurrent: DefaultMaxConcurrentFetches}
 	for _, opt := range opts {
 		opt(&o)
+	}
+	if o.fetchTimeout <= 0 {
+		o.fetchTimeout = DefaultFetchTimeout
+	}
+	if o.stallTimeout <= 0 || o.stallTimeout > o.fetchTimeout/3 {
+		o.stallTimeout = min(DefaultStallTimeout, o.fetchTimeout/3)
+	}
+	if o.maxConcurrent <= 0 {
+		o.maxConcurrent = DefaultMaxConcurrentFetches
 	}
 	var nopts []name.Option
 	if o.plainHTTP {
@@ -182,6 +218,10 @@ func Resolve(ctx context.Context, ref string, opts ...Option) (*Image, error) {
 		scheme:   scheme(r.Context().Registry, o.plainHTTP),
 		client:   &http.Client{Transport: rt},
 		logger:   o.logger,
+
+		fetchTimeout: o.fetchTimeout,
+		stallTimeout: o.stallTimeout,
+		limits:       &hostLimits{n: o.maxConcurrent},
 	}
 	im.Platform = v1.Platform{OS: cfg.OS, Architecture: cfg.Architecture, Variant: cfg.Variant}
 	for _, l := range m.Layers {
@@ -225,6 +265,7 @@ const (
 	KindUnauthorized      // credentials missing or rejected
 	KindUnreachable       // no connection to the registry
 	KindBadResponse       // the registry answered something we cannot use
+	KindTransient         // a failure that may pass: 429, 5xx, a broken, short, stalled or mislabelled body
 )
 
 // Error is a registry operation that failed.
@@ -233,6 +274,8 @@ type Error struct {
 	Ref  string // the image or blob
 	Kind Kind
 	Err  error
+	// RetryAfter is what a 429 or 503 asked to wait, 0 if nothing.
+	RetryAfter time.Duration
 }
 
 func (e *Error) Error() string {
@@ -256,7 +299,7 @@ func (e *Error) Error() string {
 func (e *Error) Unwrap() error { return e.Err }
 
 // Retryable reports whether trying again later may succeed.
-func (e *Error) Retryable() bool { return e.Kind == KindUnreachable || e.Kind == KindOther }
+func (e *Error) Retryable() bool { return e.Kind == KindUnreachable || e.Kind == KindTransient }
 
 // short trims go-containerregistry's verbose errors to their first line.
 func short(err error) string {
@@ -303,9 +346,6 @@ func classify(op, ref string, err error) error {
 	}
 	return e
 }
-
-// retryDelay is the wait before attempt n (0-based) of a blob read.
-func retryDelay(n int) time.Duration { return time.Duration(100<<n) * time.Millisecond }
 
 func platformMatches(cfg *v1.ConfigFile, p *v1.Platform) bool {
 	return cfg.OS == p.OS && cfg.Architecture == p.Architecture && (p.Variant == "" || cfg.Variant == p.Variant)
