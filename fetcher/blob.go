@@ -7,6 +7,7 @@ import (
 	"io"
 	"math/rand/v2"
 	"net/http"
+	"net/url"
 	"runtime"
 	"strconv"
 	"strings"
@@ -30,6 +31,10 @@ type Blob struct {
 	retries  atomic.Int64
 	errors   atomic.Int64
 	wait     atomic.Int64 // nanoseconds
+
+	mu       sync.Mutex // guards loc and locUntil
+	loc      string     // where the blob GET was last redirected to, "" if nowhere
+	locUntil time.Time  // when to stop using loc
 }
 
 // Stats counts a blob's traffic since it was made.
@@ -108,6 +113,7 @@ func (b *Blob) retry(ctx context.Context, what string, attempt func(context.Cont
 	start := time.Now()
 	ctx, cancel := context.WithDeadline(ctx, start.Add(b.img.fetchTimeout))
 	defer cancel()
+	var prev *Error
 	for n := 0; ; n++ {
 		err := attempt(ctx)
 		if err == nil {
@@ -118,12 +124,18 @@ func (b *Blob) retry(ctx context.Context, what string, attempt func(context.Cont
 		if !errors.As(err, &fe) {
 			fe = &Error{Op: "read blob", Ref: what, Kind: KindOther, Err: err}
 		}
+		if ctx.Err() != nil {
+			// Cut short by the deadline: the cause worth naming is
+			// what made the earlier attempts fail.
+			if prev != nil && ctx.Err() == context.DeadlineExceeded {
+				fe = prev
+			}
+			return b.giveUp(ctx, what, n+1, start, fe)
+		}
 		if !fe.Retryable() {
 			return fe
 		}
-		if ctx.Err() != nil {
-			return b.giveUp(ctx, what, n+1, start, fe)
-		}
+		prev = fe
 		delay := backoff(n)
 		if fe.RetryAfter > delay {
 			delay = fe.RetryAfter
@@ -207,14 +219,105 @@ func (b *Blob) request(ctx context.Context, req *http.Request) (resp *http.Respo
 	return resp, progress, func() { resp.Body.Close(); finish() }, nil
 }
 
+// open sends a blob GET with the given Range header to where the blob was
+// last redirected, if that is still fresh, or to the registry. A cached
+// location answering 401, 403 or 404 (an expired signature) is dropped and
+// the registry asked again.
+func (b *Blob) open(ctx context.Context, rng string) (resp *http.Response, progress func(), done func(), err error) {
+	for {
+		u, cached := b.location()
+		req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
+		if err != nil {
+			return nil, nil, nil, err
+		}
+		if rng != "" {
+			req.Header.Set("Range", rng)
+		}
+		resp, progress, done, err := b.request(ctx, req)
+		if err != nil {
+			return nil, nil, nil, err
+		}
+		switch c := resp.StatusCode; {
+		case cached && (c == http.StatusUnauthorized || c == http.StatusForbidden || c == http.StatusNotFound):
+			done()
+			b.dropLocation(u)
+			b.img.logger.Debug("redirect location refused, asking the registry again", "blob", b.digest, "status", resp.Status)
+			continue
+		case !cached && c/100 == 2 && resp.Request.URL.String() != u:
+			b.setLocation(resp.Request.URL, time.Now())
+		}
+		return resp, progress, done, nil
+	}
+}
+
+// Redirect locations are kept at most this long.
+const maxLocationAge = 5 * time.Minute
+
+// location returns the URL to GET the blob from and whether it is a cached
+// redirect location.
+func (b *Blob) location() (string, bool) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.loc != "" && time.Now().Before(b.locUntil) {
+		return b.loc, true
+	}
+	b.loc = ""
+	return b.url, false
+}
+
+func (b *Blob) setLocation(u *url.URL, now time.Time) {
+	until := now.Add(maxLocationAge)
+	if exp := signedExpiry(u, now); !exp.IsZero() {
+		// Stop a little before the signature does, so a read does not race it.
+		if exp = exp.Add(-10 * time.Second); exp.Before(until) {
+			until = exp
+		}
+	}
+	if !until.After(now) {
+		return
+	}
+	b.mu.Lock()
+	b.loc, b.locUntil = u.String(), until
+	b.mu.Unlock()
+}
+
+func (b *Blob) dropLocation(u string) {
+	b.mu.Lock()
+	if b.loc == u {
+		b.loc = ""
+	}
+	b.mu.Unlock()
+}
+
+// signedExpiry reads when a signed object storage URL expires: S3's
+// X-Amz-Date + X-Amz-Expires (X-Amz-Date missing: from now), or an Expires
+// Unix time (CloudFront, GCS). Zero if the URL says nothing.
+func signedExpiry(u *url.URL, now time.Time) time.Time {
+	q := u.Query()
+	if s := q.Get("X-Amz-Expires"); s != "" {
+		secs, err := strconv.ParseInt(s, 10, 64)
+		if err != nil || secs < 0 {
+			return now // unreadable: do not keep it
+		}
+		start := now
+		if t, err := time.Parse("20060102T150405Z", q.Get("X-Amz-Date")); err == nil {
+			start = t
+		}
+		return start.Add(time.Duration(secs) * time.Second)
+	}
+	if s := q.Get("Expires"); s != "" {
+		secs, err := strconv.ParseInt(s, 10, 64)
+		if err != nil {
+			return now
+		}
+		return time.Unix(secs, 0)
+	}
+	return time.Time{}
+}
+
 func (b *Blob) get(ctx context.Context, p []byte, off int64, what string) error {
 	end := off + int64(len(p)) - 1
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, b.url, nil)
-	if err != nil {
-		return &Error{Op: "read blob", Ref: what, Err: err}
-	}
-	req.Header.Set("Range", fmt.Sprintf("bytes=%d-%d", off, end))
-	resp, progress, done, err := b.request(ctx, req)
+	resp, progress, done, err := b.open(ctx, fmt.Sprintf("bytes=%d-%d", off, end))
 	if err != nil {
 		return b.classify(what, err)
 	}

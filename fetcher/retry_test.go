@@ -6,6 +6,7 @@ import (
 	"errors"
 	"io"
 	"net/http"
+	"net/url"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -187,4 +188,68 @@ func TestMaxConcurrentFetches(t *testing.T) {
 	if p := peak.Load(); p != 3 {
 		t.Errorf("peak concurrent requests = %d, want 3", p)
 	}
+}
+
+func TestRedirectCache(t *testing.T) {
+	p, b, data := faultyBlob(t, []fp.Option{fp.WithRedirect()})
+	read := func(off int64) {
+		t.Helper()
+		buf := make([]byte, 5000)
+		if _, err := b.ReadAt(buf, off); err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(buf, data[off:off+5000]) {
+			t.Fatalf("bytes at %d differ", off)
+		}
+	}
+	r0 := p.Stats().Redirects // the config blob's
+	for i := range 5 {
+		read(int64(i) * 7000)
+	}
+	if s := p.Stats(); s.Redirects-r0 != 1 || s.Requests != 5 {
+		t.Errorf("after 5 reads: %d redirects, %d store requests; want 1 and 5", s.Redirects-r0, s.Requests)
+	}
+	p.ExpireRedirects()
+	read(100)
+	read(200)
+	if s := p.Stats(); s.Redirects-r0 != 2 || s.Stale != 1 {
+		t.Errorf("after expiry: %d redirects, %d stale; want 2 and 1", s.Redirects-r0, s.Stale)
+	}
+	if s := b.Stats(); s.Errors != 0 {
+		t.Errorf("an expired location counted as an error: %+v", s)
+	}
+}
+
+func TestSignedExpiry(t *testing.T) {
+	now := time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)
+	tests := []struct {
+		query string
+		want  time.Time
+	}{
+		{"", time.Time{}},
+		{"X-Amz-Expires=300", now.Add(300 * time.Second)},
+		{"X-Amz-Date=20260102T030000Z&X-Amz-Expires=60", time.Date(2026, 1, 2, 3, 1, 0, 0, time.UTC)},
+		{"X-Amz-Expires=bad", now},
+		{"Expires=1767323045", time.Unix(1767323045, 0)},
+	}
+	for _, tt := range tests {
+		t.Run(tt.query, func(t *testing.T) {
+			u, _ := url.Parse("https://store.example.com/blob?" + tt.query)
+			if got := signedExpiry(u, now); !got.Equal(tt.want) {
+				t.Errorf("signedExpiry = %v, want %v", got, tt.want)
+			}
+		})
+	}
+	t.Run("kept until shortly before it expires", func(t *testing.T) {
+		b := &Blob{url: "https://registry/blob"}
+		u, _ := url.Parse("https://store/blob?X-Amz-Expires=30")
+		b.setLocation(u, time.Now())
+		if loc, cached := b.location(); !cached || loc != u.String() {
+			t.Fatalf("location = %s, %v", loc, cached)
+		}
+		b.setLocation(u, time.Now().Add(-25*time.Second))
+		if loc, cached := b.location(); cached {
+			t.Fatalf("expiring location still used: %s", loc)
+		}
+	})
 }

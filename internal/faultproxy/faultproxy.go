@@ -108,6 +108,7 @@ type Proxy struct {
 	requests atomic.Int64 // blob range GETs seen (front and store)
 	multis   atomic.Int64 // multi-range requests seen
 	stale    atomic.Int64 // 403s for expired redirect URLs
+	redirs   atomic.Int64 // redirects sent
 	stop     chan struct{}
 }
 
@@ -180,13 +181,14 @@ type Stats struct {
 	Requests    int64           // blob range GETs seen, at the front and the store
 	MultiRange  int64           // of them, requests for several ranges
 	Stale       int64           // 403s for expired redirect URLs
+	Redirects   int64           // blob GETs redirected to the store
 	Injected    map[Fault]int64 // faults injected
 	TotalFaults int64
 }
 
 // Stats returns the counts so far.
 func (p *Proxy) Stats() Stats {
-	s := Stats{Requests: p.requests.Load(), MultiRange: p.multis.Load(), Stale: p.stale.Load(), Injected: map[Fault]int64{}}
+	s := Stats{Requests: p.requests.Load(), MultiRange: p.multis.Load(), Stale: p.stale.Load(), Redirects: p.redirs.Load(), Injected: map[Fault]int64{}}
 	for f := Reset; f < numFaults; f++ {
 		if n := p.injected[f].Load(); n > 0 {
 			s.Injected[f] = n
@@ -252,6 +254,7 @@ func (p *Proxy) serveFront(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 		loc := fmt.Sprintf("%s%s?X-Amz-Expires=300&sig=%d", p.store.URL, r.URL.Path, p.gen.Load())
+		p.redirs.Add(1)
 		http.Redirect(w, r, loc, http.StatusTemporaryRedirect)
 		return
 	}
