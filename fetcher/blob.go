@@ -32,6 +32,8 @@ type Blob struct {
 	errors   atomic.Int64
 	wait     atomic.Int64 // nanoseconds
 
+	noMultiRange atomic.Bool // the registry refused a multi-range request
+
 	mu       sync.Mutex // guards loc and locUntil
 	loc      string     // where the blob GET was last redirected to, "" if nowhere
 	locUntil time.Time  // when to stop using loc
