@@ -20,13 +20,26 @@ type Range struct {
 	P   []byte
 }
 
+// ReadRangesAt reads len(bufs[i]) bytes at offs[i] for every i: ReadRanges
+// with plain types, for callers that do not import this package.
+func (b *Blob) ReadRangesAt(ctx context.Context, offs []int64, bufs [][]byte) error {
+	if len(offs) != len(bufs) {
+		return fmt.Errorf("read %s: %d offsets for %d buffers", b.digest, len(offs), len(bufs))
+	}
+	ranges := make([]Range, len(offs))
+	for i := range offs {
+		ranges[i] = Range{Off: offs[i], P: bufs[i]}
+	}
+	return b.ReadRanges(ctx, ranges)
+}
+
 // ReadRanges fills every range, in one multi-range request
 // (multipart/byteranges) where the registry supports it. A registry that
 // answers a multi-range request with the whole blob (200), 400 or 416 is
 // remembered as not supporting them (so is one answering a single range
 // that does not cover them all), and the ranges are read with one
 // request each, in parallel, from then on. Ranges must lie within the blob
-// and not overlap.
+// and not overlap, in ascending order.
 func (b *Blob) ReadRanges(ctx context.Context, ranges []Range) error {
 	for _, r := range ranges {
 		if r.Off < 0 || r.Off+int64(len(r.P)) > b.size {
