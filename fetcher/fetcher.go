@@ -9,11 +9,13 @@ package fetcher
 import (
 	"context"
 	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"log/slog"
 	"net"
 	"net/http"
+	"os"
 	"strings"
 	"time"
 
@@ -33,11 +35,31 @@ type options struct {
 	plainHTTP     bool
 	skipTLSVerify bool
 	keychain      authn.Keychain
+	caFile        string
+	mirrors       []mirror
 	transport     http.RoundTripper
 	logger        *slog.Logger
 	fetchTimeout  time.Duration
 	stallTimeout  time.Duration
 	maxConcurrent int
+}
+
+type mirror struct{ registry, mirror string }
+
+// WithCAFile trusts the PEM certificates in file besides the system roots.
+func WithCAFile(file string) Option { return func(o *options) { o.caFile = file } }
+
+// WithMirror makes references to registry (e.g. "docker.io") resolve
+// through mirror (host[:port]) first, and through the origin if the mirror
+// fails. Mirrors of one registry are tried in the order given. The blobs
+// come from where the manifest came from.
+func WithMirror(registry, host string) Option {
+	return func(o *options) {
+		if reg, err := name.NewRegistry(registry); err == nil {
+			registry = reg.RegistryStr()
+		}
+		o.mirrors = append(o.mirrors, mirror{registry, host})
+	}
 }
 
 // Defaults of the blob read options.
@@ -58,8 +80,8 @@ func WithPlainHTTP(b bool) Option { return func(o *options) { o.plainHTTP = b } 
 // WithInsecureSkipTLSVerify accepts any TLS certificate. Off by default.
 func WithInsecureSkipTLSVerify(b bool) Option { return func(o *options) { o.skipTLSVerify = b } }
 
-// WithKeychain sets where credentials come from. The default is the Docker
-// config (authn.DefaultKeychain).
+// WithKeychain sets where credentials come from. The default is
+// Keychain("", ""): podman auth files and the Docker config.
 func WithKeychain(k authn.Keychain) Option { return func(o *options) { o.keychain = k } }
 
 // WithTransport sets the base HTTP transport, under authentication. The
@@ -126,7 +148,7 @@ type Layer struct {
 // Resolve parses ref, fetches its manifest (picking the platform from an
 // index) and its config.
 func Resolve(ctx context.Context, ref string, opts ...Option) (*Image, error) {
-	o := options{keychain: authn.DefaultKeychain, logger: slog.Default(), fetchTimeout: DefaultFetchTimeout,
+	o := options{keychain: Keychain("", ""), logger: slog.Default(), fetchTimeout: DefaultFetchTimeout,
 		stallTimeout: DefaultStallTimeout, maxConcurrent: DefaultMaxConcurrentFetches}
 	for _, opt := range opts {
 		opt(&o)
@@ -153,11 +175,68 @@ func Resolve(ctx context.Context, ref string, opts ...Option) (*Image, error) {
 	if base == nil {
 		t := http.DefaultTransport.(*http.Transport).Clone()
 		t.MaxIdleConnsPerHost = 32
+		tc := &tls.Config{}
 		if o.skipTLSVerify {
-			t.TLSClientConfig = &tls.Config{InsecureSkipVerify: true} //nolint:gosec // the user asked for it
+			tc.InsecureSkipVerify = true //nolint:gosec // the user asked for it
 		}
+		if o.caFile != "" {
+			pool, err := caPool(o.caFile)
+			if err != nil {
+				return nil, &Error{Op: "load CA file", Ref: o.caFile, Kind: KindOther, Err: err}
+			}
+			tc.RootCAs = pool
+		}
+		t.TLSClientConfig = tc
 		base = t
 	}
+	for _, m := range o.mirrors {
+		if m.registry != r.Context().RegistryStr() {
+			continue
+		}
+		mr, err := onRegistry(r, m.mirror, nopts)
+		if err != nil {
+			return nil, &Error{Op: "parse mirror", Ref: m.mirror, Kind: KindBadReference, Err: err}
+		}
+		im, err := resolve(ctx, mr, base, &o)
+		if err == nil {
+			im.Ref = r
+			o.logger.Debug("resolved through mirror", "ref", r, "mirror", m.mirror)
+			return im, nil
+		}
+		o.logger.Warn("mirror failed; trying the next, then the origin", "ref", r, "mirror", m.mirror, "err", err)
+	}
+	return resolve(ctx, r, base, &o)
+}
+
+// onRegistry is reference r on another registry host.
+func onRegistry(r name.Reference, host string, nopts []name.Option) (name.Reference, error) {
+	reg, err := name.NewRegistry(host, nopts...)
+	if err != nil {
+		return nil, err
+	}
+	repo := reg.Repo(r.Context().RepositoryStr())
+	if d, ok := r.(name.Digest); ok {
+		return repo.Digest(d.DigestStr()), nil
+	}
+	return repo.Tag(r.Identifier()), nil
+}
+
+func caPool(file string) (*x509.CertPool, error) {
+	pem, err := os.ReadFile(file)
+	if err != nil {
+		return nil, err
+	}
+	pool, err := x509.SystemCertPool()
+	if err != nil || pool == nil {
+		pool = x509.NewCertPool()
+	}
+	if !pool.AppendCertsFromPEM(pem) {
+		return nil, fmt.Errorf("%s holds no PEM certificate", file)
+	}
+	return pool, nil
+}
+
+func resolve(ctx context.Context, r name.Reference, base http.RoundTripper, o *options) (*Image, error) {
 	platform := o.platform
 	if platform == nil {
 		platform = &v1.Platform{OS: "linux", Architecture: hostArch()}
@@ -284,7 +363,7 @@ func (e *Error) Error() string {
 	case KindNotFound:
 		what = "not found"
 	case KindUnauthorized:
-		what = "access denied (log in with `docker login`, or check the credentials for this registry)"
+		what = "unauthorized: access denied (check --creds, or log in with `docker login` or `podman login`)"
 	case KindUnreachable:
 		what = "registry unreachable"
 	case KindBadReference:

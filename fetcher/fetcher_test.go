@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/go-containerregistry/pkg/authn"
 	"github.com/google/go-containerregistry/pkg/name"
 	"github.com/google/go-containerregistry/pkg/registry"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
@@ -270,4 +271,8 @@ func TestParsePlatform(t *testing.T) {
 			t.Errorf("ParsePlatform(%q) error = %v, want ok=%v", in, err, ok)
 		}
 	}
+}
+
+func remoteWrite(r name.Reference, img v1.Image, a authn.Authenticator) error {
+	return remote.Write(r, img, remote.WithAuth(a))
 }
