@@ -11,7 +11,9 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
+	"time"
 
 	"github.com/google/go-containerregistry/pkg/registry"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
@@ -309,4 +311,58 @@ func TestCachePrune(t *testing.T) {
 	if ls := a.cacheLs(); len(ls) != 0 {
 		t.Errorf("left after prune --max 0: %+v", ls)
 	}
+}
+
+// TestKernelCache: after a file was read once, a new open's reads, stat and
+// lookups are answered by the kernel (keep_cache, long entry and attribute
+// timeouts): they complete while the server is stopped with SIGSTOP.
+func TestKernelCache(t *testing.T) {
+	needFUSE(t)
+	host := lt.InProcessRegistry(t)
+	want, entries := files(3, 300<<10)
+	img, err := lt.BuildImage(64<<10, entries)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lt.Push(t, img, host+"/kc:1")
+	e := newEnv(t)
+	cmd := e.startServer(host + "/kc:1")
+	checkFiles(t, e.target, want)
+	name := "d/f001"
+	f, err := os.Open(filepath.Join(e.target, name)) // the open itself asks the server
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+
+	cmd.Process.Signal(syscall.SIGSTOP)
+	defer cmd.Process.Signal(syscall.SIGCONT)
+	done := make(chan error, 1)
+	go func() {
+		got, err := io.ReadAll(f)
+		if err == nil && !bytes.Equal(got, want[name]) {
+			err = fmt.Errorf("wrong bytes")
+		}
+		if err == nil {
+			_, err = os.Stat(filepath.Join(e.target, name))
+		}
+		if err == nil {
+			_, err = os.Lstat(filepath.Join(e.target, "d/f002"))
+		}
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Error(err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Error("a warm re-read, stat or lookup reached the stopped server")
+		cmd.Process.Signal(syscall.SIGCONT)
+		<-done
+	}
+	cmd.Process.Signal(syscall.SIGCONT)
+	f.Close()
+	e.umount()
+	e.assertClean()
 }

@@ -104,6 +104,19 @@ func (c *Cache) get(key string) ([]byte, bool) {
 	return b, b != nil
 }
 
+// has reports whether key is cached, without reading it from the store
+// when the store can tell (a Has(key) bool method).
+func (c *Cache) has(key string) bool {
+	if _, ok := c.getMemory(key); ok {
+		return true
+	}
+	if h, ok := c.store.(interface{ Has(string) bool }); ok {
+		return h.Has(storeKey(key))
+	}
+	_, ok := c.get(key)
+	return ok
+}
+
 func (c *Cache) getMemory(key string) ([]byte, bool) {
 	c.mu.Lock()
 	if el, ok := c.index[key]; ok {
