@@ -162,8 +162,9 @@ func (n node) Open(ctx context.Context, req *fuse.OpenRequest, resp *fuse.OpenRe
 // Read implements fs.HandleReader. Failures are logged here, once, and
 // reach the caller as EIO.
 func (n node) Read(ctx context.Context, req *fuse.ReadRequest, resp *fuse.ReadResponse) error {
-	buf := make([]byte, req.Size)
-	got, err := n.fs.layer.ReadAt(ctx, n.n, buf, req.Offset)
+	// Most reads lie within one chunk: answer with the cached chunk's
+	// bytes, uncopied (bazil copies them into its reply).
+	data, err := n.fs.layer.ReadSlice(ctx, n.n, req.Offset, req.Size)
 	if err != nil && err != io.EOF {
 		if errors.Is(err, context.Canceled) {
 			return syscall.EINTR
@@ -172,7 +173,7 @@ func (n node) Read(ctx context.Context, req *fuse.ReadRequest, resp *fuse.ReadRe
 			"offset", req.Offset, "size", req.Size, "err", err)
 		return syscall.EIO
 	}
-	resp.Data = buf[:got]
+	resp.Data = data
 	return nil
 }
 
