@@ -29,6 +29,7 @@ func (l *Layer) ReadAt(ctx context.Context, n *Node, p []byte, off int64) (int, 
 	if off >= n.Size {
 		return 0, io.EOF
 	}
+	l.note(n)
 	i := sort.Search(len(n.chunks), func(i int) bool { return n.chunks[i].off+n.chunks[i].size > off })
 	done := 0
 	for ; i < len(n.chunks) && done < len(p); i++ {
@@ -63,8 +64,11 @@ func (l *Layer) chunk(ctx context.Context, n *Node, i int) ([]byte, error) {
 	c := &n.chunks[i]
 	key := l.key(c)
 	if b, ok := l.cache.get(key); ok && int64(len(b)) == c.size {
+		l.acct.memHits.Add(1)
 		return b, nil
 	}
+	l.acct.memMisses.Add(1)
+	defer l.demand.begin()() // background fetching pauses meanwhile
 	v, err, _ := l.flight.Do(key, func() (any, error) {
 		// Other readers may wait on this fetch: one caller giving up (an
 		// interrupted read) must not fail theirs.
@@ -98,6 +102,7 @@ func (l *Layer) fetchRun(ctx context.Context, n *Node, i int) ([]byte, error) {
 	if err := readFull(ctx, l.blob, comp, first.blobOff); err != nil {
 		return nil, fmt.Errorf("fetch blob bytes %d-%d: %w", first.blobOff, first.blobOff+int64(len(comp))-1, err)
 	}
+	l.counted(len(comp))
 	var want []byte
 	for j := i; j <= last; j++ {
 		c := &n.chunks[j]
@@ -111,7 +116,7 @@ func (l *Layer) fetchRun(ctx context.Context, n *Node, i int) ([]byte, error) {
 			// Read ahead only: the read of that chunk will report it.
 			break
 		}
-		l.cache.set(l.key(c), data)
+		l.keep(c, data)
 	}
 	return want, nil
 }
