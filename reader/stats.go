@@ -12,6 +12,8 @@ import (
 type Stats struct {
 	// TotalBytes is the compressed size of all file data (every chunk).
 	TotalBytes int64
+	// DataBytes is the decompressed size of all file data.
+	DataBytes int64
 	// FetchedBytes is how much of TotalBytes has been fetched, verified and
 	// kept at least once; Complete is set when that is all of it.
 	FetchedBytes int64
@@ -48,6 +50,7 @@ type accounting struct {
 	once  sync.Once
 	units []unit // sorted by blob offset, then inner offset; fixed after once
 	total int64
+	data  int64 // decompressed bytes of all units
 
 	mu      sync.Mutex // guards kept, fetched and the units' kept flags
 	kept    int
@@ -89,6 +92,7 @@ func (l *Layer) index() []unit {
 		})
 		for i := range a.units {
 			u := &a.units[i]
+			a.data += u.c.size
 			if i == 0 || a.units[i-1].c.blobOff != u.c.blobOff {
 				u.bytes = u.c.blobEnd - u.c.blobOff
 				a.total += u.bytes
@@ -148,6 +152,7 @@ func (l *Layer) Stats() Stats {
 	a := &l.acct
 	s := Stats{
 		TotalBytes:    a.total,
+		DataBytes:     a.data,
 		Chunks:        len(units),
 		MemoryHits:    a.memHits.Load(),
 		MemoryMisses:  a.memMisses.Load(),
