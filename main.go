@@ -270,7 +270,8 @@ func serve(c *cli.Context, ref, target string, ready func(error)) error {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 
-	prog := newProgress(progressWriter(c.Bool("quiet")))
+	pw := progressWriter(c.Bool("quiet"))
+	prog := newProgress(pw)
 	defer prog.done()
 	prog.spin("resolving " + ref)
 	img, err := fetcher.Resolve(ctx, ref, fopts...)
@@ -312,9 +313,12 @@ func serve(c *cli.Context, ref, target string, ready func(error)) error {
 	}
 	logger.Info("mounted", "ref", ref, "digest", img.Digest, "target", m.Target, "layers", len(layers))
 	if os.Getenv(progressFDEnv) != "" {
-		prog.done() // the waiting parent's terminal is not ours after ready
-		prog = nil
+		// The waiting parent's terminal is not ours after ready.
+		prog.done()
 		sess.prog = nil
+		if f, ok := pw.(*os.File); ok {
+			f.Close()
+		}
 	}
 	ready(nil)
 	if c.Bool("background-fetch") {

@@ -23,12 +23,19 @@ func progressWriter(quiet bool) io.Writer {
 		return nil
 	}
 	if fd := os.Getenv(progressFDEnv); fd != "" {
-		if n, err := strconv.Atoi(fd); err == nil {
-			if f := os.NewFile(uintptr(n), "progress"); f != nil && term.IsTerminal(n) {
-				return f
-			}
+		n, err := strconv.Atoi(fd)
+		if err != nil {
+			return nil
 		}
-		return nil
+		f := os.NewFile(uintptr(n), "progress")
+		if f == nil {
+			return nil
+		}
+		if !term.IsTerminal(n) {
+			f.Close()
+			return nil
+		}
+		return f
 	}
 	if term.IsTerminal(int(os.Stderr.Fd())) {
 		return os.Stderr
@@ -53,13 +60,14 @@ func newProgress(w io.Writer) *progress {
 	return &progress{w: w}
 }
 
-// phase ends the current bar and starts b.
-func (p *progress) phase(b *progressbar.ProgressBar) {
+// phase ends the current bar and starts the one mk makes.
+func (p *progress) phase(mk func() *progressbar.ProgressBar) (*progressbar.ProgressBar, chan struct{}) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	p.endLocked()
-	p.bar = b
+	p.bar = mk()
 	p.stop = make(chan struct{})
+	return p.bar, p.stop
 }
 
 func (p *progress) endLocked() {
@@ -90,9 +98,9 @@ func (p *progress) spin(desc string) {
 	if p == nil {
 		return
 	}
-	b := progressbar.NewOptions(-1, p.options(desc, progressbar.OptionSpinnerType(14))...)
-	p.phase(b)
-	stop := p.stopChan()
+	b, stop := p.phase(func() *progressbar.ProgressBar {
+		return progressbar.NewOptions(-1, p.options(desc, progressbar.OptionSpinnerType(14))...)
+	})
 	go func() {
 		t := time.NewTicker(100 * time.Millisecond)
 		defer t.Stop()
@@ -112,8 +120,9 @@ func (p *progress) count(desc string, n int) func() {
 	if p == nil {
 		return func() {}
 	}
-	b := progressbar.NewOptions(n, p.options(desc, progressbar.OptionShowCount())...)
-	p.phase(b)
+	b, _ := p.phase(func() *progressbar.ProgressBar {
+		return progressbar.NewOptions(n, p.options(desc, progressbar.OptionShowCount())...)
+	})
 	return func() { b.Add(1) }
 }
 
@@ -123,9 +132,10 @@ func (p *progress) bytes(desc string, total int64, current func() int64) {
 	if p == nil || total <= 0 {
 		return
 	}
-	b := progressbar.NewOptions64(total, p.options(desc, progressbar.OptionShowBytes(true), progressbar.OptionShowTotalBytes(true))...)
-	p.phase(b)
-	stop := p.stopChan()
+	b, stop := p.phase(func() *progressbar.ProgressBar {
+		return progressbar.NewOptions64(total, p.options(desc, progressbar.OptionShowBytes(true),
+			progressbar.OptionShowCount(), progressbar.OptionShowTotalBytes(true))...)
+	})
 	go func() {
 		t := time.NewTicker(100 * time.Millisecond)
 		defer t.Stop()
@@ -142,12 +152,6 @@ func (p *progress) bytes(desc string, total int64, current func() int64) {
 			}
 		}
 	}()
-}
-
-func (p *progress) stopChan() chan struct{} {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return p.stop
 }
 
 // done ends the last bar.
