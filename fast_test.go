@@ -39,6 +39,9 @@ type blobRequest struct {
 type countingRegistry struct {
 	addr string
 	down atomic.Bool // answer everything with 503
+	// hold, if set before the first request, stalls blob reads that
+	// start in the first KiB (prefetch reads) until it is closed.
+	hold chan struct{}
 
 	mu   sync.Mutex // guards log and refused
 	log  []blobRequest
@@ -63,12 +66,16 @@ func newCountingRegistry(t *testing.T) *countingRegistry {
 			reg.ServeHTTP(w, req)
 			return
 		}
-		cw := &countingWriter{ResponseWriter: w}
-		reg.ServeHTTP(cw, req)
-		br := blobRequest{digest: m[1], start: -1, bytes: cw.n}
+		br := blobRequest{digest: m[1], start: -1}
 		if s, ok := strings.CutPrefix(req.Header.Get("Range"), "bytes="); ok {
 			br.start, _ = strconv.ParseInt(strings.Split(s, "-")[0], 10, 64)
 		}
+		if r.hold != nil && br.start >= 0 && br.start < 1024 {
+			<-r.hold
+		}
+		cw := &countingWriter{ResponseWriter: w}
+		reg.ServeHTTP(cw, req)
+		br.bytes = cw.n
 		r.mu.Lock()
 		r.log = append(r.log, br)
 		r.mu.Unlock()
@@ -355,6 +362,41 @@ func TestBackgroundFetchAndRecord(t *testing.T) {
 	if len(lo) != 24 || len(hi) != 24 || !slices.Equal(lo[:2], []string{"/lo/p00", "/lo/r07"}) || hi[0] != "/hi/r05" || hi[1] != "/hi/p01" {
 		t.Errorf("record:\n%s", b)
 	}
+}
+
+func TestPrefetchTimeout(t *testing.T) {
+	needFUSE(t)
+	reg := newCountingRegistry(t)
+	ref, digests, prio, files := fastImage(t, reg.addr)
+	reg.hold = make(chan struct{})
+	e := newEnv(t)
+	start := time.Now()
+	e.mount(ref, "--background-fetch=false", "--prefetch-timeout", "300ms")
+	if took := time.Since(start); took > 5*time.Second {
+		t.Errorf("mount with a stalled prefetch took %v", took)
+	}
+	for _, l := range e.stats().Layers {
+		if l.Prefetch != "running" {
+			t.Errorf("layer %s: prefetch %q while its request is stalled", l.Digest, l.Prefetch)
+		}
+	}
+	close(reg.hold) // prefetch goes on after the mount is ready
+	deadline := time.Now().Add(20 * time.Second)
+	for slices.ContainsFunc(e.stats().Layers, func(l stats.Layer) bool { return l.Prefetch != "done" }) {
+		if time.Now().After(deadline) {
+			t.Fatal("prefetch not done 20 s after the registry answered")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	before := len(reg.requests(digests[0]))
+	for _, p := range prio[digests[0]] {
+		e.read(p, files[p])
+	}
+	if n := len(reg.requests(digests[0])) - before; n != 0 {
+		t.Errorf("prioritized files made %d requests after a late prefetch", n)
+	}
+	e.umount()
+	e.assertClean()
 }
 
 func TestStatsNotMounted(t *testing.T) {
