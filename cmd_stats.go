@@ -13,6 +13,9 @@ import (
 	"github.com/stargz-mount/stargz-mount/stats"
 )
 
+// rootRuntimeDir is where root's mounts keep their sockets.
+const rootRuntimeDir = "/run/stargz-mount"
+
 func statsCommand() *cli.Command {
 	return &cli.Command{
 		Name:      "stats",
@@ -35,6 +38,12 @@ func statsAction(c *cli.Context) error {
 	ctx, cancel := context.WithTimeout(c.Context, 10*time.Second)
 	defer cancel()
 	snap, err := stats.Get(ctx, stats.SocketPath(stats.RuntimeDir(), target))
+	if errors.Is(err, stats.ErrNoServer) && stats.RuntimeDir() != rootRuntimeDir {
+		// A user asking about a mount root made.
+		if s, rerr := stats.Get(ctx, stats.SocketPath(rootRuntimeDir, target)); rerr == nil {
+			snap, err = s, nil
+		}
+	}
 	if errors.Is(err, stats.ErrNoServer) {
 		return fmt.Errorf("%s is not an image mounted by a running stargz-mount (no stats socket in %s)", a[0], stats.RuntimeDir())
 	}
