@@ -1,6 +1,7 @@
 package main
 
 import (
+	"encoding/json"
 	"fmt"
 	"os"
 	"os/exec"
@@ -14,6 +15,7 @@ import (
 
 	lt "github.com/stargz-mount/stargz-mount/internal/layertest"
 	"github.com/stargz-mount/stargz-mount/internal/netshape"
+	"github.com/stargz-mount/stargz-mount/stats"
 )
 
 // Link shaping of the fast-start benchmarks: a registry 30 ms away behind
@@ -169,6 +171,7 @@ func BenchmarkBackgroundLatency(b *testing.B) {
 		b.Run(fmt.Sprintf("background=%v", bg), func(b *testing.B) {
 			for b.Loop() {
 				target, _ := benchMount(b, proxy.Addr()+"/bg:1", fmt.Sprintf("--background-fetch=%v", bg))
+				mounted := time.Now()
 				time.Sleep(100 * time.Millisecond) // background fetch under way
 				var lat []time.Duration
 				for _, s := range small {
@@ -188,6 +191,29 @@ func BenchmarkBackgroundLatency(b *testing.B) {
 				b.ReportMetric(float64(worst.Microseconds())/1000, "ms-worst-read")
 				b.Logf("background=%v: 20 on-demand reads, mean %v, worst %v (link: %v per request, %.0f MB/s)",
 					bg, mean.Round(100*time.Microsecond), worst.Round(100*time.Microsecond), benchDelay, benchBandwidth/1e6)
+				if bg {
+					// How long until the whole image is local.
+					for {
+						out, err := exec.Command(binary, "stats", "--json", target).Output()
+						if err != nil {
+							b.Fatal(err)
+						}
+						var s stats.Snapshot
+						if err := json.Unmarshal(out, &s); err != nil {
+							b.Fatal(err)
+						}
+						if !slices.ContainsFunc(s.Layers, func(l stats.Layer) bool { return !l.Complete }) {
+							var n int64
+							for _, l := range s.Layers {
+								n += l.TotalBytes
+							}
+							el := time.Since(mounted)
+							b.Logf("every layer complete %.2f s after the mount: %.1f MB, %.0f MB/s", el.Seconds(), float64(n)/1e6, float64(n)/1e6/el.Seconds())
+							break
+						}
+						time.Sleep(20 * time.Millisecond)
+					}
+				}
 				benchUmount(b, target)
 			}
 		})

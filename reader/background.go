@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"sync"
 	"time"
+
+	"golang.org/x/sync/errgroup"
 )
 
 // Demand counts the on-demand fetches in flight in the layers sharing it,
@@ -90,7 +92,7 @@ type bgOptions struct {
 	bandwidth int64
 	rangeSize int64
 	quiet     time.Duration
-	demand    *Demand
+	parallel  int
 }
 
 // WithBandwidth caps background fetching at bytesPerSec, averaged over one
@@ -102,6 +104,11 @@ func WithBandwidth(bytesPerSec int64) BackgroundOption {
 // WithRangeSize sets the most compressed bytes one background request
 // asks for. The default is 4 MiB.
 func WithRangeSize(n int64) BackgroundOption { return func(o *bgOptions) { o.rangeSize = n } }
+
+// WithParallel sets how many background requests may be in flight at
+// once, so one range's round trip overlaps another's transfer. The
+// default is 2.
+func WithParallel(n int) BackgroundOption { return func(o *bgOptions) { o.parallel = max(n, 1) } }
 
 // WithQuiet sets how long no on-demand fetch must have been in flight
 // before background fetching (re)starts. The default is 20 ms.
@@ -117,7 +124,7 @@ var errPreempted = errors.New("preempted by an on-demand read")
 // so an on-demand read waits for at most what is already on the wire.
 // It returns when every layer is complete, ctx is done, or a layer fails.
 func FetchAll(ctx context.Context, layers []*Layer, opts ...BackgroundOption) error {
-	o := bgOptions{rangeSize: 4 << 20, quiet: 20 * time.Millisecond}
+	o := bgOptions{rangeSize: 4 << 20, quiet: 20 * time.Millisecond, parallel: 2}
 	for _, opt := range opts {
 		opt(&o)
 	}
@@ -147,10 +154,12 @@ func FetchAll(ctx context.Context, layers []*Layer, opts ...BackgroundOption) er
 	return errors.Join(errs...)
 }
 
-// fetchRest fetches the chunks of l not kept yet.
+// fetchRest fetches the chunks of l not kept yet, up to o.parallel ranges
+// at a time.
 func (l *Layer) fetchRest(ctx context.Context, o bgOptions, tb *bucket) error {
 	units := l.index()
-	failures := 0
+	g, gctx := errgroup.WithContext(ctx)
+	g.SetLimit(o.parallel)
 	for i := 0; i < len(units); {
 		if l.isKept(i) {
 			i++
@@ -166,6 +175,18 @@ func (l *Layer) fetchRest(ctx context.Context, o bgOptions, tb *bucket) error {
 			}
 			end = max(end, c.blobEnd)
 		}
+		first, last := i, j
+		g.Go(func() error { return l.fetchRange(gctx, o, tb, first, last, start, end) })
+		i = j
+	}
+	return g.Wait()
+}
+
+// fetchRange fetches blob bytes [start, end) and keeps units [i, j) from
+// them, starting over whenever an on-demand fetch preempts it.
+func (l *Layer) fetchRange(ctx context.Context, o bgOptions, tb *bucket, i, j int, start, end int64) error {
+	units := l.index()
+	for failures := 0; ; {
 		busy, err := l.demand.quiet(ctx, o.quiet)
 		if err != nil {
 			return err
@@ -191,11 +212,14 @@ func (l *Layer) fetchRest(ctx context.Context, o bgOptions, tb *bucket) error {
 			l.logger.Debug("background fetch", "layer", l.name, "err", err)
 			continue
 		}
-		failures = 0
 		for k := i; k < j; k++ {
 			c := units[k].c
 			if l.isKept(k) {
 				continue
+			}
+			// Decoding takes CPU an on-demand read may need: wait for it.
+			if _, err := l.demand.quiet(ctx, 0); err != nil {
+				return err
 			}
 			data, err := decode(c, comp[c.blobOff-start:c.blobEnd-start])
 			if err != nil {
@@ -205,9 +229,8 @@ func (l *Layer) fetchRest(ctx context.Context, o bgOptions, tb *bucket) error {
 			}
 			l.keep(c, data)
 		}
-		i = j
+		return nil
 	}
-	return nil
 }
 
 // fetchPreemptible reads blob bytes [start, end), giving up with
