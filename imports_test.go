@@ -17,6 +17,7 @@ func TestImportDirection(t *testing.T) {
 	const module = "github.com/stargz-mount/stargz-mount"
 	allowed := map[string][]string{
 		".":                  {"fetcher", "lru", "mount", "reader"},
+		"bench":              {"internal/layertest", "internal/netshape"},
 		"mount":              {"reader"},
 		"reader":             {},
 		"fetcher":            {},
