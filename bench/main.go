@@ -105,7 +105,7 @@ func mainErr() error {
 		return err
 	}
 	defer reg.stop()
-	imgs, prio, big, err := buildImages(reg.addr, rootfs, set.BigSize)
+	imgs, prio, big, err := buildImages(reg.addr, rootfs, *cacheDir, set.BigSize)
 	if err != nil {
 		return err
 	}

@@ -3,7 +3,10 @@ package main
 import (
 	"bufio"
 	"bytes"
+	"crypto/sha256"
 	"debug/elf"
+	"encoding/hex"
+	"encoding/json"
 	"fmt"
 	"io"
 	"log/slog"
@@ -20,6 +23,7 @@ import (
 
 	"github.com/containerd/stargz-snapshotter/estargz"
 	"github.com/google/go-containerregistry/pkg/name"
+	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 
 	lt "github.com/stargz-mount/stargz-mount/internal/layertest"
@@ -318,14 +322,54 @@ func push(regAddr, repo, nameStr, format string, blob *lt.Blob) (image, error) {
 		Compressed: int64(len(blob.Data)), Tar: blob.UncompressedSize, Blob: blob.Digest.String()}, nil
 }
 
+// blobCache keeps built layers on disk between runs: eStargz builds of
+// the rootfs take most of a minute each.
+type blobCache struct{ dir string }
+
+type blobMeta struct {
+	Digest, DiffID, TOCDigest string
+	UncompressedSize          int64
+}
+
+// get returns the blob cached under key, or builds, stores and returns it.
+func (c blobCache) get(key string, build func() (*lt.Blob, error)) (*lt.Blob, error) {
+	sum := sha256.Sum256([]byte(key))
+	base := filepath.Join(c.dir, hex.EncodeToString(sum[:8]))
+	if mb, err := os.ReadFile(base + ".json"); err == nil {
+		var m blobMeta
+		data, derr := os.ReadFile(base + ".gz")
+		if json.Unmarshal(mb, &m) == nil && derr == nil {
+			d, _ := v1.NewHash(m.Digest)
+			id, _ := v1.NewHash(m.DiffID)
+			if got := sha256.Sum256(data); hex.EncodeToString(got[:]) == d.Hex {
+				return &lt.Blob{Data: data, Digest: d, DiffID: id, UncompressedSize: m.UncompressedSize, TOCDigest: m.TOCDigest}, nil
+			}
+		}
+	}
+	b, err := build()
+	if err != nil {
+		return nil, err
+	}
+	if err := os.MkdirAll(c.dir, 0o755); err != nil {
+		return b, nil // a cache we cannot write only costs time
+	}
+	mb, _ := json.Marshal(blobMeta{Digest: b.Digest.String(), DiffID: b.DiffID.String(), TOCDigest: b.TOCDigest, UncompressedSize: b.UncompressedSize})
+	if writeFile(base+".gz", b.Data) == nil {
+		writeFile(base+".json", mb)
+	}
+	return b, nil
+}
+
 // buildImages builds and pushes the python3 rootfs as plain gzip, eStargz
 // and eStargz with prioritized files, and the big-file image. It returns
 // them with the prioritized list and the big file's bytes.
-func buildImages(regAddr, rootfs string, bigSize int64) (map[string]image, []string, []byte, error) {
+func buildImages(regAddr, rootfs, cacheDir string, bigSize int64) (map[string]image, []string, []byte, error) {
 	tarBytes, err := tarDir(rootfs)
 	if err != nil {
 		return nil, nil, nil, err
 	}
+	tarSum := sha256.Sum256(tarBytes)
+	cache := blobCache{filepath.Join(cacheDir, "blobs")}
 	prio, err := recordReads(rootfs, "python3", "-c", "print(1)")
 	if err != nil {
 		return nil, nil, nil, err
@@ -334,7 +378,7 @@ func buildImages(regAddr, rootfs string, bigSize int64) (map[string]image, []str
 	imgs := map[string]image{}
 	add := func(key, repo, format string, build func() (*lt.Blob, error)) error {
 		start := time.Now()
-		b, err := build()
+		b, err := cache.get(fmt.Sprintf("%s %x %q", key, tarSum, prio), build)
 		if err != nil {
 			return fmt.Errorf("build %s: %w", key, err)
 		}
@@ -370,6 +414,7 @@ func buildImages(regAddr, rootfs string, bigSize int64) (map[string]image, []str
 	imgs["estargz-prio"] = im
 
 	big := bigFile(bigSize)
+	tarSum = sha256.Sum256(big)
 	if err := add("big", "big:estargz", "eStargz, one random file", func() (*lt.Blob, error) {
 		return lt.Estargz(lt.Tar(lt.File("big.bin", big)))
 	}); err != nil {
