@@ -12,6 +12,7 @@
 package main
 
 import (
+	"encoding/json"
 	"flag"
 	"fmt"
 	"log/slog"
@@ -53,7 +54,12 @@ func mainErr() error {
 	cacheDir := flag.String("cache", "/var/cache/stargz-mount-bench", "`DIR` keeping the debootstrapped rootfs between runs")
 	memory := flag.String("memory", "256MiB", "--cache-max-memory given to stargz-mount: the memory budget the RSS target is checked against")
 	bigMiB := flag.Int64("big-mib", 256, "size of the big random file in MiB")
+	rewrite := flag.Bool("rewrite", false, "measure nothing: regenerate chart.svg and BENCHMARKS.md from DIR/results.json (after editing bench/notes.md)")
 	flag.Parse()
+
+	if *rewrite {
+		return rewriteReport(*out, *md)
+	}
 
 	if os.Geteuid() != 0 {
 		return fmt.Errorf("needs root (FUSE, overlayfs, chroot, drop_caches)")
@@ -180,6 +186,20 @@ func mainErr() error {
 	}
 	res.Targets = targets(res, *memory)
 	return res.write(*out, *md, prof)
+}
+
+// rewriteReport regenerates the chart and BENCHMARKS.md from a saved run.
+func rewriteReport(outDir, mdPath string) error {
+	b, err := os.ReadFile(filepath.Join(outDir, "results.json"))
+	if err != nil {
+		return err
+	}
+	var r results
+	if err := json.Unmarshal(b, &r); err != nil {
+		return fmt.Errorf("%s/results.json: %w", outDir, err)
+	}
+	prof, _ := os.ReadFile(filepath.Join(outDir, "profile.txt"))
+	return r.write(outDir, mdPath, string(prof))
 }
 
 // medians returns, per metric, the median over samples.

@@ -207,9 +207,15 @@ func (b *bench) mountPython(ref string) (sample, error) {
 		return nil, err
 	}
 	st := b.proxy.Stats()
+	// Again in the same mount: what the run costs with nothing to fetch.
+	warm, err := python(mnt)
+	if err != nil {
+		return nil, err
+	}
 	s := sample{
 		"mount_ready_s":  ready,
 		"python_run_s":   py,
+		"python_warm_s":  warm,
 		"python_ready_s": ready + py,
 		"bytes":          float64(st.Bytes),
 		"requests":       float64(st.Requests),
@@ -392,16 +398,30 @@ func (b *bench) profile(ref, outDir string) (string, error) {
 	if err := b.umount(mnt); err != nil {
 		return "", err
 	}
-	out, err := exec.Command("perf", "report", "-i", data, "--stdio", "--no-children",
-		"--sort", "dso,symbol", "--percent-limit", "1", "-g", "none").Output()
-	if err != nil {
-		return "", fmt.Errorf("perf report: %v (%s)", err, recOut.String())
-	}
-	var keep []string
-	for _, l := range strings.Split(string(out), "\n") {
-		if strings.TrimSpace(l) != "" && !strings.HasPrefix(l, "# ") || strings.HasPrefix(l, "# Samples") || strings.HasPrefix(l, "# Overhead") {
-			keep = append(keep, l)
+	// Flat first (BENCHMARKS.md quotes its top), then who calls the
+	// hot symbols.
+	report := func(args ...string) (string, error) {
+		out, err := exec.Command("perf", append([]string{"report", "-i", data, "--stdio", "--no-children"}, args...)...).Output()
+		if err != nil {
+			return "", fmt.Errorf("perf report: %v (%s)", err, recOut.String())
 		}
+		var keep []string
+		for _, l := range strings.Split(string(out), "\n") {
+			l = strings.TrimRight(l, " ")
+			if l != "" && l != "#" && !strings.Contains(l, "Tip:") && !strings.Contains(l, "header info") && !strings.HasPrefix(l, "# ....") {
+				keep = append(keep, l)
+			}
+		}
+		return strings.Join(keep, "\n") + "\n", nil
 	}
-	return strings.Join(keep, "\n") + "\n", nil
+	flat, err := report("-F", "overhead,dso,sym", "--percent-limit", "1", "-g", "none")
+	if err != nil {
+		return "", err
+	}
+	graph, err := report("--sort", "symbol", "--percent-limit", "3", "-g", "caller,2,callee", "--max-stack", "14")
+	if err != nil {
+		return "", err
+	}
+	os.Rename(data, filepath.Join(outDir, "perf.data")) // for perf report; not committed
+	return flat + "\n# Call chains of the entries above 3 %:\n" + graph, nil
 }

@@ -397,7 +397,7 @@ func buildImages(regAddr, rootfs, cacheDir string, bigSize int64) (map[string]im
 	}{
 		{"gzip", "python:gzip", "plain gzip", func() (*lt.Blob, error) { return lt.Gzip(tarBytes) }},
 		{"estargz", "python:estargz", "eStargz, no prioritized files", func() (*lt.Blob, error) { return lt.Estargz(tarBytes) }},
-		{"estargz-prio", "python:estargz-prio", "eStargz, prioritized: files python3 -c 'print(1)' reads", func() (*lt.Blob, error) {
+		{"estargz-prio", "python:estargz-prio", "eStargz, prioritized files first (those python3 -c 'print(1)' reads)", func() (*lt.Blob, error) {
 			return lt.Estargz(tarBytes, estargz.WithPrioritizedFiles(prio), estargz.WithAllowPrioritizeNotFound(&missed))
 		}},
 	}
