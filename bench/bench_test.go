@@ -125,3 +125,23 @@ func TestChartAndMarkdown(t *testing.T) {
 		}
 	}
 }
+
+func TestMaxInFlight(t *testing.T) {
+	tests := []struct {
+		name string
+		reqs []request
+		want int
+	}{
+		{"none", nil, 0},
+		{"serial", []request{{Start: 0, End: 1}, {Start: 1, End: 2}, {Start: 2.5, End: 3}}, 1},
+		{"two overlap", []request{{Start: 0, End: 2}, {Start: 1, End: 3}, {Start: 3, End: 4}}, 2},
+		{"three at once", []request{{Start: 0, End: 5}, {Start: 1, End: 5}, {Start: 2, End: 5}}, 3},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := maxInFlight(tc.reqs); got != tc.want {
+				t.Errorf("maxInFlight = %d; want %d", got, tc.want)
+			}
+		})
+	}
+}

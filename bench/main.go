@@ -121,7 +121,13 @@ func mainErr() error {
 	}
 	big = nil
 
-	b.proxy, err = netshape.New(reg.addr, netshape.WithDelay(*delay), netshape.WithBandwidth(bw))
+	b.tracer, err = newTracer(reg.addr)
+	if err != nil {
+		return err
+	}
+	defer b.tracer.close()
+	b.traces = map[string][]request{}
+	b.proxy, err = netshape.New(b.tracer.addr(), netshape.WithDelay(*delay), netshape.WithBandwidth(bw))
 	if err != nil {
 		return err
 	}
@@ -180,6 +186,12 @@ func mainErr() error {
 		Failures: failures,
 		Medians:  map[string]sample{},
 		Samples:  samples,
+		Traces:   map[string][]request{},
+	}
+	for key := range imgs {
+		if tr, ok := b.traces[ref(key)]; ok {
+			res.Traces[key] = tr
+		}
 	}
 	for name, ss := range samples {
 		res.Medians[name] = medians(ss)

@@ -25,6 +25,8 @@ type bench struct {
 	work   string // scratch directory; every mount lives under it
 	proxy  *netshape.Proxy
 	memory string // --cache-max-memory
+	tracer *tracer
+	traces map[string][]request // the last cold python3 run of each image, by reference
 }
 
 // sample is one run of one case: metric name → value.
@@ -198,6 +200,7 @@ func (b *bench) mountPython(ref string) (sample, error) {
 	defer cleanupMounts(b.bin, mnt)
 
 	b.proxy.Reset()
+	b.tracer.reset()
 	ready, err := b.mountDaemon(ref, cache, mnt)
 	if err != nil {
 		return nil, err
@@ -207,6 +210,15 @@ func (b *bench) mountPython(ref string) (sample, error) {
 		return nil, err
 	}
 	st := b.proxy.Stats()
+	reqs := b.tracer.take()
+	// The moment the mount was ready, as a marker in the timeline.
+	b.traces[ref] = append(reqs, request{Start: ready, End: ready, What: "(mount ready; python3 starts)"})
+	var during []request
+	for _, r := range reqs {
+		if r.Start >= ready {
+			during = append(during, r)
+		}
+	}
 	// Again in the same mount: what the run costs with nothing to fetch.
 	warm, err := python(mnt)
 	if err != nil {
@@ -220,6 +232,10 @@ func (b *bench) mountPython(ref string) (sample, error) {
 		"bytes":          float64(st.Bytes),
 		"requests":       float64(st.Requests),
 		"peak_rss_bytes": peakRSS(serverPID(b.bin, mnt)),
+		// What the python3 run waited for: requests after the mount
+		// was ready, and how many overlapped.
+		"python_requests":      float64(len(during)),
+		"python_max_in_flight": float64(maxInFlight(during)),
 	}
 	return s, b.umount(mnt)
 }

@@ -17,16 +17,17 @@ import (
 
 // results is what a run found; results.json holds it.
 type results struct {
-	Date     string              `json:"date"`
-	Commit   string              `json:"commit"`
-	Settings settings            `json:"settings"`
-	Machine  machineInfo         `json:"machine"`
-	Images   map[string]image    `json:"images"`
-	Prio     []string            `json:"prioritized_files"`
-	Medians  map[string]sample   `json:"medians"`
-	Targets  []target            `json:"targets"`
-	Failures map[string]string   `json:"failures,omitempty"`
-	Samples  map[string][]sample `json:"samples"`
+	Date     string               `json:"date"`
+	Commit   string               `json:"commit"`
+	Settings settings             `json:"settings"`
+	Machine  machineInfo          `json:"machine"`
+	Images   map[string]image     `json:"images"`
+	Prio     []string             `json:"prioritized_files"`
+	Medians  map[string]sample    `json:"medians"`
+	Targets  []target             `json:"targets"`
+	Failures map[string]string    `json:"failures,omitempty"`
+	Samples  map[string][]sample  `json:"samples"`
+	Traces   map[string][]request `json:"traces"` // requests of the last cold python3 run per image
 }
 
 type machineInfo struct {
@@ -282,6 +283,15 @@ func (r *results) markdown(rel, prof, notes string) string {
 			w("- %s: `%s`\n", k, r.Failures[k])
 		}
 		w("\n")
+	}
+	if tr := r.Traces["estargz-prio"]; len(tr) > 0 {
+		pm := r.Medians["estargz-prio"]
+		w("## Requests of one cold python3 run\n\n")
+		w("Prioritized eStargz, last round, as the registry saw them behind the proxy (so after the %s delay;\n", s.Delay)
+		w("\"took\" ends when the last byte left for the proxy). Median over the rounds: %.0f requests after the\n", pm["python_requests"])
+		w("mount was ready, at most %.0f in flight at once. Where python3's cold run goes is round trips, not CPU:\n", pm["python_max_in_flight"])
+		w("the same run warm takes %.2f s of the %.2f s.\n\n", pm["python_warm_s"], pm["python_run_s"])
+		w("%s\n", timeline(tr))
 	}
 	w("## Profile\n\n")
 	w("CPU profile of the server (`perf record -F 499 -g -p PID`) during one cold sequential read of the big file,\n")
