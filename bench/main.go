@@ -158,7 +158,7 @@ func mainErr() error {
 				// A case the binary cannot do (a plain gzip layer) is a
 				// result, not a failure of the harness.
 				slog.Warn("case failed", "case", c.name, "err", err)
-				failures[c.name] = err.Error()
+				failures[c.name] = strings.ReplaceAll(err.Error(), b.proxy.Addr(), "PROXY")
 				continue
 			}
 			samples[c.name] = append(samples[c.name], s)
