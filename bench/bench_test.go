@@ -118,7 +118,7 @@ func TestChartAndMarkdown(t *testing.T) {
 	if !strings.HasPrefix(svg, "<svg") || strings.Count(svg, "<rect") < 12 {
 		t.Errorf("chart has no bars:\n%s", svg)
 	}
-	md := r.markdown("bench/results", "profile\n", "")
+	md := r.markdown("bench/results", profiles{Read: "profile\n"}, "")
 	for _, s := range []string{"bench/results/chart.svg", "fails: not eStargz", "| no |", "14 prioritized files"} {
 		if !strings.Contains(md, s) {
 			t.Errorf("BENCHMARKS.md lacks %q", s)
@@ -141,6 +141,27 @@ func TestMaxInFlight(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			if got := maxInFlight(tc.reqs); got != tc.want {
 				t.Errorf("maxInFlight = %d; want %d", got, tc.want)
+			}
+		})
+	}
+}
+
+func TestPerfSection(t *testing.T) {
+	rep := sectionSelf + "\n# Samples: 10\n# comment\n 50% a\n 40% b\n 10% c\n\n" + sectionInclusive + "\n 90% main\n"
+	tests := []struct {
+		title string
+		n     int
+		want  string
+	}{
+		{sectionSelf, 10, "# Samples: 10\n 50% a\n 40% b\n 10% c\n"},
+		{sectionSelf, 2, "# Samples: 10\n 50% a\n"},
+		{sectionInclusive, 10, " 90% main\n"},
+		{sectionChains, 10, strings.TrimSpace(rep) + "\n"}, // missing: the whole text
+	}
+	for _, tc := range tests {
+		t.Run(tc.title, func(t *testing.T) {
+			if got := perfSection(rep, tc.title, tc.n); got != tc.want {
+				t.Errorf("perfSection = %q; want %q", got, tc.want)
 			}
 		})
 	}

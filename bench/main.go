@@ -171,9 +171,16 @@ func mainErr() error {
 	}
 
 	slog.Info("profiling the server during a cold sequential read")
-	prof, perr := b.profile(ref("big"), *out)
-	if perr != nil {
-		prof = "no profile: " + perr.Error() + "\n"
+	if err := os.MkdirAll(*out, 0o755); err != nil {
+		return err
+	}
+	var profs profiles
+	if profs.Read, err = b.profile(ref("big"), *out); err != nil {
+		profs.Read = "no profile: " + err.Error() + "\n"
+	}
+	slog.Info("profiling stargz-mount --daemon until the python3 mount is ready")
+	if profs.Mount, err = b.profileMount(ref("estargz-prio"), *out); err != nil {
+		profs.Mount = "no profile: " + err.Error() + "\n"
 	}
 
 	res := &results{
@@ -197,7 +204,7 @@ func mainErr() error {
 		res.Medians[name] = medians(ss)
 	}
 	res.Targets = targets(res, *memory)
-	return res.write(*out, *md, prof)
+	return res.write(*out, *md, profs)
 }
 
 // rewriteReport regenerates the chart and BENCHMARKS.md from a saved run.
@@ -210,8 +217,9 @@ func rewriteReport(outDir, mdPath string) error {
 	if err := json.Unmarshal(b, &r); err != nil {
 		return fmt.Errorf("%s/results.json: %w", outDir, err)
 	}
-	prof, _ := os.ReadFile(filepath.Join(outDir, "profile.txt"))
-	return r.write(outDir, mdPath, string(prof))
+	read, _ := os.ReadFile(filepath.Join(outDir, "profile.txt"))
+	mount, _ := os.ReadFile(filepath.Join(outDir, "profile-mount.txt"))
+	return r.write(outDir, mdPath, profiles{Read: string(read), Mount: string(mount)})
 }
 
 // medians returns, per metric, the median over samples.

@@ -414,12 +414,50 @@ func (b *bench) profile(ref, outDir string) (string, error) {
 	if err := b.umount(mnt); err != nil {
 		return "", err
 	}
-	// Flat first (BENCHMARKS.md quotes its top), then who calls the
-	// hot symbols.
+	rep, err := perfReport(data, recOut.String())
+	if err != nil {
+		return "", err
+	}
+	os.Rename(data, filepath.Join(outDir, "perf.data")) // for perf report; not committed
+	return rep, nil
+}
+
+// profileMount records a CPU profile of stargz-mount --daemon from its
+// start until the mount is ready (perf follows the background server it
+// starts), with a fresh cache dir.
+func (b *bench) profileMount(ref, outDir string) (string, error) {
+	cache, err := os.MkdirTemp(b.work, "c")
+	if err != nil {
+		return "", err
+	}
+	defer os.RemoveAll(cache)
+	mnt := filepath.Join(b.work, "mnt")
+	os.MkdirAll(mnt, 0o755)
+	defer cleanupMounts(b.bin, mnt)
+	data := filepath.Join(b.work, "perf-mount.data")
+	out, err := exec.Command("perf", "record", "-F", "999", "-g", "-o", data, "--",
+		b.bin, "--cache-dir", cache, "--cache-max-memory", b.memory, "--daemon", ref, mnt).CombinedOutput()
+	if err != nil {
+		return "", fmt.Errorf("perf record stargz-mount: %v: %s", err, out)
+	}
+	if err := b.umount(mnt); err != nil {
+		return "", err
+	}
+	rep, err := perfReport(data, string(out))
+	if err != nil {
+		return "", err
+	}
+	os.Rename(data, filepath.Join(outDir, "perf-mount.data"))
+	return rep, nil
+}
+
+// perfReport renders a perf.data: flat first (BENCHMARKS.md quotes its
+// top), then who calls the hot symbols.
+func perfReport(data, recOut string) (string, error) {
 	report := func(args ...string) (string, error) {
 		out, err := exec.Command("perf", append([]string{"report", "-i", data, "--stdio", "--no-children"}, args...)...).Output()
 		if err != nil {
-			return "", fmt.Errorf("perf report: %v (%s)", err, recOut.String())
+			return "", fmt.Errorf("perf report: %v (%s)", err, recOut)
 		}
 		var keep []string
 		for _, l := range strings.Split(string(out), "\n") {
@@ -430,14 +468,46 @@ func (b *bench) profile(ref, outDir string) (string, error) {
 		}
 		return strings.Join(keep, "\n") + "\n", nil
 	}
-	flat, err := report("-F", "overhead,dso,sym", "--percent-limit", "1", "-g", "none")
-	if err != nil {
-		return "", err
+	var sb strings.Builder
+	for _, sec := range []struct {
+		title string
+		args  []string
+	}{
+		{sectionSelf, []string{"-F", "overhead,comm,dso,sym", "--percent-limit", "1", "-g", "none"}},
+		{sectionInclusive, []string{"--children", "--sort", "sym", "--percent-limit", "4", "-g", "none"}},
+		{sectionChains, []string{"--sort", "symbol", "--percent-limit", "3", "-g", "caller,2,callee", "--max-stack", "14"}},
+	} {
+		out, err := report(sec.args...)
+		if err != nil {
+			return "", err
+		}
+		fmt.Fprintf(&sb, "%s\n%s\n", sec.title, out)
 	}
-	graph, err := report("--sort", "symbol", "--percent-limit", "3", "-g", "caller,2,callee", "--max-stack", "14")
-	if err != nil {
-		return "", err
+	return sb.String(), nil
+}
+
+// Section titles of a perfReport.
+const (
+	sectionSelf      = "=== self time (where the CPU is) ==="
+	sectionInclusive = "=== inclusive time (what it is spent under) ==="
+	sectionChains    = "=== call chains of the entries above 3 % ==="
+)
+
+// perfSection returns up to n lines of one section of a perfReport,
+// without perf's # header lines.
+func perfSection(report, title string, n int) string {
+	_, rest, ok := strings.Cut(report, title+"\n")
+	if !ok {
+		return strings.TrimSpace(report) + "\n" // an error message, or an old report
 	}
-	os.Rename(data, filepath.Join(outDir, "perf.data")) // for perf report; not committed
-	return flat + "\n# Call chains of the entries above 3 %:\n" + graph, nil
+	var keep []string
+	for _, l := range strings.Split(rest, "\n") {
+		if strings.HasPrefix(l, "=== ") || len(keep) >= n {
+			break
+		}
+		if l != "" && (!strings.HasPrefix(l, "#") || strings.HasPrefix(l, "# Samples") || strings.HasPrefix(l, "# Overhead") || strings.HasPrefix(l, "# Children")) {
+			keep = append(keep, l)
+		}
+	}
+	return strings.Join(keep, "\n") + "\n"
 }

@@ -133,9 +133,13 @@ func pct(q float64) string {
 	return fmt.Sprintf("%.1f %%", q*100)
 }
 
-// write prints the table and writes results.json, chart.svg, profile.txt
-// and BENCHMARKS.md.
-func (r *results) write(outDir, mdPath, prof string) error {
+// profiles are perf reports of the server: during a cold sequential read
+// of the big file, and from the start of the mount command until ready.
+type profiles struct{ Read, Mount string }
+
+// write prints the table and writes results.json, chart.svg, profile.txt,
+// profile-mount.txt and BENCHMARKS.md.
+func (r *results) write(outDir, mdPath string, profs profiles) error {
 	if r.Machine.LoadEnd == "" {
 		r.Machine.LoadEnd = loadavg()
 	}
@@ -147,9 +151,10 @@ func (r *results) write(outDir, mdPath, prof string) error {
 		return err
 	}
 	files := map[string][]byte{
-		"results.json": append(js, '\n'),
-		"chart.svg":    []byte(r.chart()),
-		"profile.txt":  []byte(prof),
+		"results.json":      append(js, '\n'),
+		"chart.svg":         []byte(r.chart()),
+		"profile.txt":       []byte(profs.Read),
+		"profile-mount.txt": []byte(profs.Mount),
 	}
 	for name, b := range files {
 		if err := writeFile(filepath.Join(outDir, name), b); err != nil {
@@ -167,7 +172,7 @@ func (r *results) write(outDir, mdPath, prof string) error {
 		rel = outDir
 	}
 	notes, _ := os.ReadFile("bench/notes.md")
-	return writeFile(mdPath, []byte(r.markdown(filepath.ToSlash(rel), prof, string(notes))))
+	return writeFile(mdPath, []byte(r.markdown(filepath.ToSlash(rel), profs, string(notes))))
 }
 
 // writeFile writes through a temp file and a rename.
@@ -236,7 +241,7 @@ func (r *results) targetTable() string {
 	return sb.String()
 }
 
-func (r *results) markdown(rel, prof, notes string) string {
+func (r *results) markdown(rel string, profs profiles, notes string) string {
 	var sb strings.Builder
 	w := func(format string, a ...any) { fmt.Fprintf(&sb, format, a...) }
 	s, mc := r.Settings, r.Machine
@@ -293,19 +298,14 @@ func (r *results) markdown(rel, prof, notes string) string {
 		w("the same run warm takes %.2f s of the %.2f s.\n\n", pm["python_warm_s"], pm["python_run_s"])
 		w("%s\n", timeline(tr))
 	}
-	w("## Profile\n\n")
-	w("CPU profile of the server (`perf record -F 499 -g -p PID`) during one cold sequential read of the big file,\n")
-	w("after the measured runs; the report with call chains is [%s/profile.txt](%s/profile.txt). Top entries:\n\n```\n", rel, rel)
-	lines := strings.Split(prof, "\n")
-	n := 0
-	for _, l := range lines {
-		if n >= 25 {
-			break
-		}
-		w("%s\n", l)
-		n++
-	}
-	w("```\n\n")
+	w("## Profiles\n\n")
+	w("CPU profiles taken with perf after the measured runs; the reports (self time, inclusive time, call\n")
+	w("chains) are [%s/profile.txt](%s/profile.txt) and [%s/profile-mount.txt](%s/profile-mount.txt).\n\n", rel, rel, rel, rel)
+	w("The server during one cold sequential read of the big file (`perf record -F 499 -g -p PID`), self time:\n\n")
+	w("```\n%s```\n\n", perfSection(profs.Read, sectionSelf, 14))
+	w("`stargz-mount --daemon` of the prioritized python3 image, from the command's start until the mount is ready\n")
+	w("(`perf record -F 999 -g -- stargz-mount ...`, which follows the background server it starts), inclusive time:\n\n")
+	w("```\n%s```\n\n", perfSection(profs.Mount, sectionInclusive, 26))
 	if notes != "" {
 		w("## Notes\n\n%s", notes)
 	}
