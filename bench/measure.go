@@ -205,10 +205,13 @@ func (b *bench) mountPython(ref string) (sample, error) {
 	if err != nil {
 		return nil, err
 	}
+	pid := serverPID(b.bin, mnt)
+	cpu0 := cpuSeconds(pid)
 	py, err := python(mnt)
 	if err != nil {
 		return nil, err
 	}
+	serverCPU := cpuSeconds(pid) - cpu0
 	st := b.proxy.Stats()
 	reqs := b.tracer.take()
 	// The moment the mount was ready, as a marker in the timeline.
@@ -235,6 +238,7 @@ func (b *bench) mountPython(ref string) (sample, error) {
 		// What the python3 run waited for: requests after the mount
 		// was ready, and how many overlapped.
 		"python_requests":      float64(len(during)),
+		"python_server_cpu_s":  serverCPU,
 		"python_max_in_flight": float64(maxInFlight(during)),
 	}
 	return s, b.umount(mnt)
@@ -323,12 +327,15 @@ func (b *bench) bigRead(ref string, im image, local string) (sample, error) {
 		return nil, err
 	}
 	b.proxy.Reset()
+	b.tracer.reset()
 	pid := serverPID(b.bin, mnt)
 	cpu0 := cpuSeconds(pid)
 	cold, err := catFile(filepath.Join(mnt, "big.bin"))
 	if err != nil {
 		return nil, err
 	}
+	reqs := b.tracer.take()
+	s["cold_requests"], s["cold_max_in_flight"] = float64(len(reqs)), float64(maxInFlight(reqs))
 	s["cold_s"], s["cold_MBps"], s["cold_bytes"] = cold, size/cold/1e6, float64(b.proxy.Stats().Bytes)
 	s["cold_server_cpu_s"] = cpuSeconds(pid) - cpu0
 	page, err := catFile(filepath.Join(mnt, "big.bin"))
@@ -349,11 +356,14 @@ func (b *bench) bigRead(ref string, im image, local string) (sample, error) {
 		return nil, err
 	}
 	b.proxy.Reset()
+	pid = serverPID(b.bin, mnt)
+	cpu0 = cpuSeconds(pid)
 	warm, err := catFile(filepath.Join(mnt, "big.bin"))
 	if err != nil {
 		return nil, err
 	}
 	s["warm_disk_MBps"], s["warm_disk_net_bytes"] = size/warm/1e6, float64(b.proxy.Stats().Bytes)
+	s["warm_disk_server_cpu_s"] = cpuSeconds(pid) - cpu0
 	if rss := peakRSS(serverPID(b.bin, mnt)); rss > s["peak_rss_bytes"] {
 		s["peak_rss_bytes"] = rss
 	}

@@ -218,9 +218,10 @@ func (r *results) figures() string {
 	row("---", "---:", "---")
 	row("one GET of its blob through the proxy", fmt.Sprintf("%.0f", b["get_MBps"]), "")
 	row("stargz-mount, cold sequential read (cat)", fmt.Sprintf("%.0f", b["cold_MBps"]),
-		fmt.Sprintf("fresh cache dir, fetched %s, server CPU %.2f s", mib(b["cold_bytes"]), b["cold_server_cpu_s"]))
+		fmt.Sprintf("fresh cache dir, fetched %s in %.0f requests (at most %.0f in flight), %.1f s, server CPU %.2f s",
+			mib(b["cold_bytes"]), b["cold_requests"], b["cold_max_in_flight"], b["cold_s"], b["cold_server_cpu_s"]))
 	row("stargz-mount, re-read after a server restart, page cache dropped", fmt.Sprintf("%.0f", b["warm_disk_MBps"]),
-		"fetched "+mib(b["warm_disk_net_bytes"])+" again from the registry")
+		fmt.Sprintf("fetched %s again from the registry, server CPU %.2f s", mib(b["warm_disk_net_bytes"]), b["warm_disk_server_cpu_s"]))
 	row("local disk, cat, page cache dropped", fmt.Sprintf("%.0f", b["local_disk_MBps"]), "")
 	row("stargz-mount, re-read from the page cache", fmt.Sprintf("%.0f", b["page_MBps"]), "")
 	row("local disk, re-read from the page cache", fmt.Sprintf("%.0f", b["local_page_MBps"]), "")
@@ -294,8 +295,8 @@ func (r *results) markdown(rel string, profs profiles, notes string) string {
 		w("## Requests of one cold python3 run\n\n")
 		w("Prioritized eStargz, last round, as the registry saw them behind the proxy (so after the %s delay;\n", s.Delay)
 		w("\"took\" ends when the last byte left for the proxy). Median over the rounds: %.0f requests after the\n", pm["python_requests"])
-		w("mount was ready, at most %.0f in flight at once. Where python3's cold run goes is round trips, not CPU:\n", pm["python_max_in_flight"])
-		w("the same run warm takes %.2f s of the %.2f s.\n\n", pm["python_warm_s"], pm["python_run_s"])
+		w("mount was ready, at most %.0f in flight at once; the server used %.2f s of CPU during the %.2f s run,\n", pm["python_max_in_flight"], pm["python_server_cpu_s"], pm["python_run_s"])
+		w("and the same run warm takes %.2f s.\n\n", pm["python_warm_s"])
 		w("%s\n", timeline(tr))
 	}
 	w("## Profiles\n\n")
