@@ -23,6 +23,7 @@ func TestImportDirection(t *testing.T) {
 		"lru":                 {},
 		"stats":               {},
 		"internal/demo":       {"internal/layertest"},
+		"bench":               {"internal/layertest", "internal/netshape"},
 		"internal/layertest":  {},
 		"internal/netshape":   {},
 		"internal/faultproxy": {},
