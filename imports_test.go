@@ -16,11 +16,12 @@ import (
 func TestImportDirection(t *testing.T) {
 	const module = "github.com/stargz-mount/stargz-mount"
 	allowed := map[string][]string{
-		".":                  {"fetcher", "lru", "mount", "reader"},
+		".":                  {"fetcher", "lru", "mount", "reader", "unpack"},
 		"mount":              {"reader"},
 		"reader":             {},
 		"fetcher":            {},
 		"lru":                {},
+		"unpack":             {},
 		"internal/demo":      {"internal/layertest"},
 		"internal/layertest": {},
 		"internal/netshape":  {},
