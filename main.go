@@ -20,13 +20,13 @@ import (
 	"text/tabwriter"
 
 	"github.com/containerd/stargz-snapshotter/estargz"
-	"github.com/opencontainers/go-digest"
 	"github.com/urfave/cli/v2"
 	"golang.org/x/sync/errgroup"
 
 	"github.com/stargz-mount/stargz-mount/fetcher"
 	"github.com/stargz-mount/stargz-mount/mount"
 	"github.com/stargz-mount/stargz-mount/reader"
+	"github.com/stargz-mount/stargz-mount/unpack"
 )
 
 // readyFDEnv names the file descriptor a --daemon child reports readiness on.
@@ -160,53 +160,6 @@ func fetchOptions(c *cli.Context, logger *slog.Logger) ([]fetcher.Option, error)
 	return opts, nil
 }
 
-// openLayers opens every layer's TOC, all in parallel.
-func openLayers(ctx context.Context, img *fetcher.Image, cache *reader.Cache, skipVerify bool, logger *slog.Logger) ([]*reader.Layer, error) {
-	layers := make([]*reader.Layer, len(img.Layers))
-	g, ctx := errgroup.WithContext(ctx)
-	for i, l := range img.Layers {
-		if err := checkMediaType(i, l); err != nil {
-			return nil, err
-		}
-		g.Go(func() error {
-			opts := []reader.Option{
-				reader.WithName(l.Digest.String()),
-				reader.WithCache(cache),
-				reader.WithInsecureSkipVerify(skipVerify),
-				reader.WithLogger(logger),
-			}
-			if d := l.Annotations[estargz.TOCJSONDigestAnnotation]; d != "" {
-				opts = append(opts, reader.WithTOCDigest(digest.Digest(d)))
-			}
-			rl, err := reader.Open(ctx, img.Blob(l), opts...)
-			if errors.Is(err, reader.ErrNoTOCDigest) {
-				return fmt.Errorf("layer %d (%s) has no %s annotation, so its contents cannot be verified: rebuild the image as eStargz (e.g. `nerdctl image convert --estargz`), or pass --insecure-skip-verify to mount it unverified",
-					i, l.Digest, estargz.TOCJSONDigestAnnotation)
-			}
-			if errors.Is(err, reader.ErrNotEStargz) {
-				return fmt.Errorf("layer %d (%s, %s) is not eStargz: only eStargz layers can be mounted for now", i, l.Digest, l.MediaType)
-			}
-			if err != nil {
-				return fmt.Errorf("layer %d: %w", i, err)
-			}
-			layers[i] = rl
-			return nil
-		})
-	}
-	if err := g.Wait(); err != nil {
-		return nil, err
-	}
-	return layers, nil
-}
-
-func checkMediaType(i int, l fetcher.Layer) error {
-	switch l.MediaType {
-	case "application/vnd.oci.image.layer.v1.tar+gzip", "application/vnd.docker.image.rootfs.diff.tar.gzip":
-		return nil
-	}
-	return fmt.Errorf("layer %d (%s) has media type %s: only eStargz (gzip) layers can be mounted", i, l.Digest, l.MediaType)
-}
-
 func mountAction(c *cli.Context) error {
 	a, err := args(c, "REF", "MOUNTPOINT")
 	if err != nil {
@@ -258,11 +211,22 @@ func serve(c *cli.Context, ref, target string, ready func(error)) error {
 	logger.Debug("resolved", "ref", ref, "digest", img.Digest, "layers", len(img.Layers))
 	cache := reader.NewCache(memory)
 	defer cache.Close()
-	layers, err := openLayers(ctx, img, cache, c.Bool("insecure-skip-verify"), logger)
+	opener := &layerOpener{
+		img:        img,
+		cache:      cache,
+		store:      unpack.NewStore(c.String("cache-dir")),
+		skipVerify: c.Bool("insecure-skip-verify"),
+		logger:     logger,
+	}
+	if os.Getenv(readyFDEnv) == "" {
+		opener.progress = newProgress(os.Stderr)
+	}
+	layers, err := opener.open(ctx)
+	opener.progress.finish()
 	if err != nil {
 		return err
 	}
-	m, err := mount.Mount(ctx, layers, target, mount.Options{
+	m, err := mount.MountLowers(ctx, layers, target, mount.Options{
 		StateDir: c.String("cache-dir"),
 		Writable: c.Bool("writable"),
 		Upper:    c.String("upper"),
@@ -422,7 +386,10 @@ func inspectAction(c *cli.Context) error {
 		if s, err := strconv.ParseInt(l.Annotations[estargz.StoreUncompressedSizeAnnotation], 10, 64); err == nil {
 			li.UncompressedSize = s
 		}
-		if checkMediaType(i, l) != nil {
+		if f, err := formatOf(i, l); err != nil {
+			li.Error = err.Error()
+			continue
+		} else if f.compression != compressionGzip {
 			continue
 		}
 		g.Go(func() error {
