@@ -236,7 +236,7 @@ func TestPlainLayerTraversal(t *testing.T) {
 		inside  []string // paths the mount shows
 		refused bool
 	}{
-		{"dot-dot", []lt.Entry{lt.FileString("../../../../../../" + outside + "/" + tag, "x")}, []string{strings.TrimPrefix(outside, "/") + "/" + tag}, false},
+		{"dot-dot", []lt.Entry{lt.FileString("../../../../../../"+outside+"/"+tag, "x")}, []string{strings.TrimPrefix(outside, "/") + "/" + tag}, false},
 		{"absolute", []lt.Entry{lt.FileString(outside+"/"+tag, "x")}, []string{strings.TrimPrefix(outside, "/") + "/" + tag}, false},
 		{"symlink to / then through it", []lt.Entry{
 			lt.Symlink("esc", "/"), lt.FileString("esc/"+tag, "x"),
