@@ -60,8 +60,9 @@ func TestFormatsMatchUmoci(t *testing.T) {
 		{"gzip", []lt.Format{lt.FormatGzip}, 0, 3, false},
 		{"zstd", []lt.Format{lt.FormatZstd}, 0, 3, true},
 		{"uncompressed", []lt.Format{lt.FormatUncompressed}, 0, 3, false},
-		{"zstd-chunked", []lt.Format{lt.FormatZstdChunked}, 0, 3, true},
-		{"mixed", []lt.Format{lt.FormatGzip, lt.FormatEStargz, lt.FormatZstd}, 1, 2, true},
+		{"zstd-chunked", []lt.Format{lt.FormatZstdChunked}, 3, 0, true},
+		{"mixed", []lt.Format{lt.FormatGzip, lt.FormatEStargz, lt.FormatZstdChunked}, 2, 1, true},
+		{"mixed-plain-zstd", []lt.Format{lt.FormatZstd, lt.FormatEStargz, lt.FormatGzip}, 1, 2, true},
 		{"mixed-estargz-base", []lt.Format{lt.FormatEStargz, lt.FormatUncompressed, lt.FormatEStargz}, 2, 1, false},
 	}
 	// umoci 0.4.7 (Debian) cannot unpack zstd layers; the reference for

@@ -163,7 +163,21 @@ func (o *layerOpener) openOne(ctx context.Context, i int, l fetcher.Layer, f lay
 		}
 	}
 	if f.zstdChunked {
-		o.logger.Debug("zstd:chunked layer: unpacking it whole", "layer", l.Digest)
+		rl, err := reader.OpenZstdChunked(ctx, o.img.Blob(l),
+			digest.Digest(annotation(l, zstdChunkedChecksumAnnotations)), annotation(l, zstdChunkedPositionAnnotations),
+			reader.WithName(l.Digest.String()),
+			reader.WithCache(o.cache),
+			reader.WithInsecureSkipVerify(o.skipVerify),
+			reader.WithLogger(o.logger))
+		if err == nil {
+			return mount.Lower{Layer: rl}, nil
+		}
+		if ctx.Err() != nil {
+			return mount.Lower{}, fmt.Errorf("layer %d: %w", i, err)
+		}
+		// Unpacking checks the whole blob against its digest, so a layer
+		// whose TOC cannot be used lazily is still safe to use.
+		o.logger.Warn("zstd:chunked layer cannot be served lazily; unpacking it whole", "layer", l.Digest, "err", err)
 	}
 	dir, err := o.unpack(ctx, l, f.compression)
 	if err != nil {
