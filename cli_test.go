@@ -67,11 +67,11 @@ func TestInspect(t *testing.T) {
 	if info.Digest != d.String() || !strings.HasPrefix(info.Platform, "linux/") || len(info.Layers) != 2 {
 		t.Fatalf("inspect = %+v", info)
 	}
-	if l := info.Layers[0]; l.EStargz || l.Digest != plain.Digest.String() || l.Size != int64(len(plain.Data)) {
+	if l := info.Layers[0]; l.EStargz || l.Format != "gzip" || l.Digest != plain.Digest.String() || l.Size != int64(len(plain.Data)) {
 		t.Errorf("plain layer = %+v", l)
 	}
 	l := info.Layers[1]
-	if !l.EStargz || l.TOCDigest != es.TOCDigest || l.Entries == 0 || l.PrioritizedBytes <= 0 ||
+	if !l.EStargz || l.Format != "estargz" || l.TOCDigest != es.TOCDigest || l.Entries == 0 || l.PrioritizedBytes <= 0 ||
 		l.UncompressedSize != es.UncompressedSize || l.Error != "" {
 		t.Errorf("eStargz layer = %+v", l)
 	}

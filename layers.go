@@ -75,6 +75,17 @@ type layerFormat struct {
 	zstdChunked bool // zstd:chunked annotations
 }
 
+// String names how a mount uses the layer.
+func (f layerFormat) String() string {
+	switch {
+	case f.estargz:
+		return "estargz"
+	case f.zstdChunked:
+		return "zstd:chunked"
+	}
+	return f.compression.String()
+}
+
 // ErrUnsupportedLayer is a layer stargz-mount cannot mount at all.
 var ErrUnsupportedLayer = errors.New("unsupported layer")
 

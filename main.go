@@ -1,6 +1,7 @@
 // Command stargz-mount mounts a container image from an OCI registry as a
-// root filesystem without pulling it: each eStargz layer is served lazily
-// through FUSE and the layers are stacked with overlayfs.
+// root filesystem without pulling it: each eStargz or zstd:chunked layer is
+// served lazily through FUSE, plain layers are unpacked into a shared cache,
+// and the layers are stacked with overlayfs.
 package main
 
 import (
@@ -47,8 +48,9 @@ func newApp() *cli.App {
 		Description: `Resolves REF in its OCI registry and mounts the image's root filesystem at
 MOUNTPOINT, an existing empty directory. Only each layer's table of contents is
 fetched up front; file data is fetched, verified and cached when it is read.
-Each eStargz layer is served read-only through FUSE and the layers are stacked
-with overlayfs. stargz-mount stays in the foreground until SIGINT or SIGTERM
+Each eStargz or zstd:chunked layer is served read-only through FUSE; plain
+gzip, zstd and uncompressed layers are fetched once, checked against their
+digest and unpacked into the cache dir; the layers are stacked with overlayfs. stargz-mount stays in the foreground until SIGINT or SIGTERM
 or 'stargz-mount umount MOUNTPOINT', then removes every mount it made.
 
 Example:
@@ -93,7 +95,7 @@ func commonFlags() []cli.Flag {
 		&cli.StringFlag{Name: "platform", Usage: "pick `OS/ARCH[/VARIANT]` from a multi-platform image (default: this host's)"},
 		&cli.BoolFlag{Name: "plain-http", Usage: "speak plain HTTP to the registry (always so for localhost, 127.0.0.0/8 and ::1)"},
 		&cli.BoolFlag{Name: "insecure-skip-tls-verify", Usage: "accept any TLS certificate from the registry"},
-		&cli.BoolFlag{Name: "insecure-skip-verify", Usage: "mount layers that carry no TOC digest annotation, unverified"},
+		&cli.BoolFlag{Name: "insecure-skip-verify", Usage: "serve gzip layers without a TOC digest annotation lazily, unverified (default: unpack them, checked against their digest)"},
 	}
 }
 
@@ -344,6 +346,7 @@ type layerInfo struct {
 	Size             int64  `json:"size"`
 	UncompressedSize int64  `json:"uncompressedSize,omitempty"`
 	EStargz          bool   `json:"estargz"`
+	Format           string `json:"format"` // how a mount uses it: estargz, zstd:chunked, gzip, zstd, uncompressed (unpacked) or unsupported
 	TOCDigest        string `json:"tocDigest,omitempty"`
 	Entries          int    `json:"entries,omitempty"`
 	PrioritizedBytes int64  `json:"prioritizedBytes"`
@@ -386,10 +389,13 @@ func inspectAction(c *cli.Context) error {
 		if s, err := strconv.ParseInt(l.Annotations[estargz.StoreUncompressedSizeAnnotation], 10, 64); err == nil {
 			li.UncompressedSize = s
 		}
-		if f, err := formatOf(i, l); err != nil {
-			li.Error = err.Error()
+		f, err := formatOf(i, l)
+		if err != nil {
+			li.Format, li.Error = "unsupported", err.Error()
 			continue
-		} else if f.compression != compressionGzip {
+		}
+		li.Format = f.String()
+		if f.compression != compressionGzip {
 			continue
 		}
 		g.Go(func() error {
