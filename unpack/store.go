@@ -68,7 +68,14 @@ func (s *Store) Layer(ctx context.Context, dgst string, open func(context.Contex
 		return final, nil // another mount unpacked it while we waited
 	}
 
-	tmp, err := os.MkdirTemp(filepath.Dir(final), "tmp-")
+	// Under the lock, temporary directories of this digest are leftovers
+	// of a process that died while unpacking.
+	if stale, _ := filepath.Glob(final + ".tmp-*"); len(stale) > 0 {
+		for _, d := range stale {
+			os.RemoveAll(d)
+		}
+	}
+	tmp, err := os.MkdirTemp(filepath.Dir(final), filepath.Base(final)+".tmp-")
 	if err != nil {
 		return "", fmt.Errorf("layer store: %w", err)
 	}
