@@ -4,7 +4,8 @@
 // Whiteouts become what overlayfs reads: ".wh.NAME" a 0/0 character device
 // NAME, ".wh..wh..opq" the xattr trusted.overlay.opaque=y on its directory.
 // Ownership, modes (setuid, setgid, sticky), xattrs, devices, fifos, hard and
-// symbolic links and mtimes are kept. Every path is resolved inside the layer
+// symbolic links and mtimes are kept (overlay xattrs of the image are
+// dropped, so a layer cannot steer the overlay). Every path is resolved inside the layer
 // directory with openat2(RESOLVE_IN_ROOT): "..", absolute names and symlinks
 // pointing out of the layer cannot reach anything outside it.
 package unpack
@@ -26,10 +27,12 @@ import (
 const (
 	whiteoutPrefix = ".wh."
 	opaqueMarker   = ".wh..wh..opq"
-	// overlayXattrPrefix names the xattrs that steer overlayfs; a layer's
-	// own are dropped so that it cannot.
-	overlayXattrPrefix = "trusted.overlay."
-	xattrPAXPrefix     = "SCHILY.xattr."
+	// overlayXattrPrefix and userOverlayXattrPrefix name the xattrs that
+	// steer overlayfs (the latter with userxattr); a layer's own are
+	// dropped so that it cannot.
+	overlayXattrPrefix     = "trusted.overlay."
+	userOverlayXattrPrefix = "user.overlay."
+	xattrPAXPrefix         = "SCHILY.xattr."
 )
 
 // Tar unpacks the uncompressed layer tar read from r into dir, an existing
@@ -340,7 +343,7 @@ func setXattrs(p string, h *tar.Header) error {
 	sort.Strings(keys)
 	for _, k := range keys {
 		name := strings.TrimPrefix(k, xattrPAXPrefix)
-		if strings.HasPrefix(name, overlayXattrPrefix) {
+		if strings.HasPrefix(name, overlayXattrPrefix) || strings.HasPrefix(name, userOverlayXattrPrefix) {
 			continue
 		}
 		if err := unix.Lsetxattr(p, name, []byte(h.PAXRecords[k]), 0); err != nil {
