@@ -21,6 +21,7 @@ import (
 	"text/tabwriter"
 
 	"github.com/containerd/stargz-snapshotter/estargz"
+	"github.com/opencontainers/go-digest"
 	"github.com/urfave/cli/v2"
 	"golang.org/x/sync/errgroup"
 
@@ -395,6 +396,21 @@ func inspectAction(c *cli.Context) error {
 			continue
 		}
 		li.Format = f.String()
+		if f.zstdChunked {
+			g.Go(func() error {
+				rl, err := reader.OpenZstdChunked(ctx, img.Blob(l), digest.Digest(annotation(l, zstdChunkedChecksumAnnotations)),
+					annotation(l, zstdChunkedPositionAnnotations), reader.WithName(l.Digest.String()), reader.WithCache(cache),
+					reader.WithInsecureSkipVerify(true), reader.WithLogger(logger))
+				if err != nil {
+					li.Error = err.Error()
+					return nil
+				}
+				li.TOCDigest = rl.TOCDigest().String()
+				li.Entries = rl.Entries()
+				return nil
+			})
+			continue
+		}
 		if f.compression != compressionGzip {
 			continue
 		}
