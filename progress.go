@@ -77,7 +77,7 @@ func (p *progress) finish() {
 	defer p.mu.Unlock()
 	if p.stop != nil {
 		close(p.stop)
-		fmt.Fprintf(p.w, "\rfetched %d plain layer(s): %s\n", p.count, sizeString(p.done.Load()))
+		fmt.Fprintf(p.w, "\r\033[Kfetched %d plain layer(s): %s\n", p.count, sizeString(p.done.Load()))
 		p.stop = nil
 	}
 }
