@@ -125,7 +125,13 @@ type layerOpener struct {
 	skipVerify bool
 	logger     *slog.Logger
 	progress   *progress // nil: no progress display
+
+	downloads chan struct{} // bounds concurrent plain-layer downloads; made by open
 }
+
+// maxDownloads bounds the plain layers fetched at once, so that whole-blob
+// streams leave the fetcher's per-host request slots to lazy layers.
+const maxDownloads = 3
 
 // open makes every layer ready, all in parallel: eStargz layers become
 // lazily served FUSE layers; plain layers are fetched, verified and
@@ -140,6 +146,7 @@ func (o *layerOpener) open(ctx context.Context) ([]mount.Lower, error) {
 		formats[i] = f
 	}
 	lowers := make([]mount.Lower, len(o.img.Layers))
+	o.downloads = make(chan struct{}, maxDownloads)
 	g, ctx := errgroup.WithContext(ctx)
 	for i, l := range o.img.Layers {
 		f := formats[i]
@@ -214,12 +221,33 @@ func (o *layerOpener) openEStargz(ctx context.Context, l fetcher.Layer) (*reader
 // unpacking it if no earlier mount did.
 func (o *layerOpener) unpack(ctx context.Context, l fetcher.Layer, c compression) (string, error) {
 	open := func(ctx context.Context) (io.ReadCloser, error) {
+		select {
+		case o.downloads <- struct{}{}:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
 		o.logger.Info("fetching plain layer", "layer", l.Digest, "size", l.Size, "compression", c.String())
 		rc, err := o.img.Blob(l).Open(ctx)
 		if err != nil {
+			<-o.downloads
 			return nil, err
 		}
-		return o.progress.track(rc, l), nil
+		return &releaseCloser{o.progress.track(rc, l), func() { <-o.downloads }}, nil
 	}
 	return o.store.Layer(ctx, l.Digest.String(), open, c.decompressor())
+}
+
+// releaseCloser calls release once, after closing the stream.
+type releaseCloser struct {
+	io.ReadCloser
+	release func()
+}
+
+func (r *releaseCloser) Close() error {
+	err := r.ReadCloser.Close()
+	if r.release != nil {
+		r.release()
+		r.release = nil
+	}
+	return err
 }

@@ -97,6 +97,11 @@ func commonFlags() []cli.Flag {
 		&cli.BoolFlag{Name: "plain-http", Usage: "speak plain HTTP to the registry (always so for localhost, 127.0.0.0/8 and ::1)"},
 		&cli.BoolFlag{Name: "insecure-skip-tls-verify", Usage: "accept any TLS certificate from the registry"},
 		&cli.BoolFlag{Name: "insecure-skip-verify", Usage: "serve gzip layers without a TOC digest annotation lazily, unverified (default: unpack them, checked against their digest)"},
+		&cli.StringFlag{Name: "creds", Usage: "log in to the registry as `USER:PASS` (default: podman auth files, then the Docker config)"},
+		&cli.StringFlag{Name: "ca-file", Usage: "trust the PEM certificates in `FILE` besides the system roots"},
+		&cli.StringSliceFlag{Name: "mirror", Usage: "try `REGISTRY=MIRROR` (host[:port]) first for REGISTRY's images, the origin if it fails; repeatable"},
+		&cli.DurationFlag{Name: "fetch-timeout", Value: fetcher.DefaultFetchTimeout, Usage: "give up a blob read after `DURATION`, retries included; the read fails with EIO"},
+		&cli.IntFlag{Name: "max-concurrent-fetches", Value: fetcher.DefaultMaxConcurrentFetches, Usage: "at most `N` blob requests in flight to one host"},
 	}
 }
 
@@ -152,6 +157,31 @@ func fetchOptions(c *cli.Context, logger *slog.Logger) ([]fetcher.Option, error)
 		fetcher.WithPlainHTTP(c.Bool("plain-http")),
 		fetcher.WithInsecureSkipTLSVerify(c.Bool("insecure-skip-tls-verify")),
 		fetcher.WithLogger(logger),
+		fetcher.WithFetchTimeout(c.Duration("fetch-timeout")),
+		fetcher.WithMaxConcurrentFetches(c.Int("max-concurrent-fetches")),
+	}
+	if s := c.String("creds"); s != "" {
+		user, pass, err := fetcher.ParseCreds(s)
+		if err != nil {
+			return nil, fmt.Errorf("--creds: %w", err)
+		}
+		opts = append(opts, fetcher.WithKeychain(fetcher.Keychain(user, pass)))
+	}
+	if f := c.String("ca-file"); f != "" {
+		opts = append(opts, fetcher.WithCAFile(f))
+	}
+	for _, m := range c.StringSlice("mirror") {
+		reg, mirror, ok := strings.Cut(m, "=")
+		if !ok || reg == "" || mirror == "" {
+			return nil, fmt.Errorf("--mirror %q: want REGISTRY=MIRROR, e.g. docker.io=mirror.example.com", m)
+		}
+		opts = append(opts, fetcher.WithMirror(reg, mirror))
+	}
+	if c.Duration("fetch-timeout") <= 0 {
+		return nil, fmt.Errorf("--fetch-timeout %s: want a positive duration such as 30s", c.Duration("fetch-timeout"))
+	}
+	if c.Int("max-concurrent-fetches") <= 0 {
+		return nil, fmt.Errorf("--max-concurrent-fetches %d: want at least 1", c.Int("max-concurrent-fetches"))
 	}
 	if p := c.String("platform"); p != "" {
 		plat, err := fetcher.ParsePlatform(p)

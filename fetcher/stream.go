@@ -10,15 +10,16 @@ import (
 )
 
 // maxResumes bounds how often one Open stream re-requests the rest of the
-// blob after a dropped connection.
+// blob after a dropped connection or a failed request.
 const maxResumes = 5
 
 // Open streams the whole blob from the start. If the connection drops or
 // cannot be made, the stream resumes where it stopped with a Range request,
-// a few times. The bytes are not verified here: hash them if they must
-// match the digest. Reads after ctx is done fail.
+// a few times (backoff as for ReadAt; a response that goes quiet for the
+// stall timeout counts as dropped). The bytes are not verified here: hash
+// them if they must match the digest. Reads after ctx is done fail.
 func (b *Blob) Open(ctx context.Context) (io.ReadCloser, error) {
-	s := &stream{b: b, ctx: ctx}
+	s := &stream{b: b, ctx: ctx, what: fmt.Sprintf("%s@%s", b.img.repo, b.digest)}
 	if err := s.reconnect(); err != nil {
 		return nil, err
 	}
@@ -29,53 +30,42 @@ func (b *Blob) Open(ctx context.Context) (io.ReadCloser, error) {
 type stream struct {
 	b       *Blob
 	ctx     context.Context
-	body    io.ReadCloser // nil between connections
-	off     int64         // bytes delivered so far
+	what    string
+	body    io.Reader // nil between connections
+	done    func()    // releases the current response
+	off     int64     // bytes delivered so far
 	resumes int
 }
 
 func (s *stream) connect() error {
-	what := fmt.Sprintf("%s@%s", s.b.img.repo, s.b.digest)
-	req, err := http.NewRequestWithContext(s.ctx, http.MethodGet, s.b.url, nil)
-	if err != nil {
-		return &Error{Op: "fetch blob", Ref: what, Err: err}
-	}
+	rng := ""
 	if s.off > 0 {
-		req.Header.Set("Range", fmt.Sprintf("bytes=%d-%d", s.off, s.b.size-1))
+		rng = fmt.Sprintf("bytes=%d-%d", s.off, s.b.size-1)
 	}
-	s.b.requests.Add(1)
-	resp, err := s.b.img.client.Do(req)
+	resp, progress, done, err := s.b.open(s.ctx, rng)
 	if err != nil {
-		return classify("fetch blob", what, err)
+		return s.b.classify(s.what, err)
 	}
+	body := &progressReader{resp.Body, progress}
 	switch {
 	case resp.StatusCode == http.StatusOK:
 		// The whole blob; when resuming, skip what was already delivered.
-		if _, err := io.CopyN(io.Discard, resp.Body, s.off); err != nil {
-			resp.Body.Close()
-			return &Error{Op: "fetch blob", Ref: what, Err: err}
+		if _, err := io.CopyN(io.Discard, body, s.off); err != nil {
+			done()
+			return s.b.classify(s.what, fmt.Errorf("skipping to %d in a whole-blob answer: %w", s.off, err))
 		}
 	case resp.StatusCode == http.StatusPartialContent && s.off > 0:
-		start, err := contentRangeStart(resp.Header.Get("Content-Range"))
+		start, _, err := contentRange(resp.Header.Get("Content-Range"))
 		if err != nil || start != s.off {
-			resp.Body.Close()
-			return &Error{Op: "fetch blob", Ref: what, Kind: KindBadResponse,
+			done()
+			return &Error{Op: "fetch blob", Ref: s.what, Kind: KindTransient,
 				Err: fmt.Errorf("registry sent Content-Range %q", resp.Header.Get("Content-Range"))}
 		}
 	default:
-		resp.Body.Close()
-		e := &Error{Op: "fetch blob", Ref: what, Kind: KindBadResponse, Err: fmt.Errorf("HTTP %s", resp.Status)}
-		switch {
-		case resp.StatusCode == http.StatusUnauthorized || resp.StatusCode == http.StatusForbidden:
-			e.Kind = KindUnauthorized
-		case resp.StatusCode == http.StatusNotFound:
-			e.Kind = KindNotFound
-		case resp.StatusCode == http.StatusTooManyRequests || resp.StatusCode >= 500:
-			e.Kind = KindOther
-		}
-		return e
+		done()
+		return statusError(s.what, resp)
 	}
-	s.body = resp.Body
+	s.body, s.done = body, done
 	return nil
 }
 
@@ -97,12 +87,11 @@ func (s *stream) Read(p []byte) (int, error) {
 			return n, nil
 		}
 		// The body ended or broke before the blob's size.
-		s.body.Close()
-		s.body = nil
+		s.release()
 		if errors.Is(err, io.EOF) {
 			err = io.ErrUnexpectedEOF
 		}
-		if err := s.backoff(err); err != nil {
+		if err := s.backoff(s.b.classify(s.what, err)); err != nil {
 			return 0, err
 		}
 	}
@@ -129,28 +118,40 @@ func (s *stream) reconnect() error {
 
 // backoff waits before the next resume, or says why not to.
 func (s *stream) backoff(cause error) error {
+	s.b.errors.Add(1)
 	if s.ctx.Err() != nil {
 		return s.ctx.Err()
 	}
 	if s.resumes >= maxResumes {
-		return &Error{Op: "fetch blob", Ref: fmt.Sprintf("%s@%s", s.b.img.repo, s.b.digest),
+		return &Error{Op: "fetch blob", Ref: s.what, Kind: KindTransient,
 			Err: fmt.Errorf("gave up at byte %d of %d after %d resumes: %w", s.off, s.b.size, s.resumes, cause)}
 	}
-	s.b.img.logger.Debug("resuming blob download", "blob", s.b.digest, "offset", s.off, "err", cause)
+	delay := backoff(s.resumes)
+	var fe *Error
+	if errors.As(cause, &fe) && fe.RetryAfter > delay {
+		delay = fe.RetryAfter
+	}
+	s.b.img.logger.Debug("resuming blob download", "blob", s.b.digest, "offset", s.off, "in", delay.Round(time.Millisecond), "err", cause)
+	s.b.retries.Add(1)
+	t := time.NewTimer(delay)
 	select {
-	case <-time.After(retryDelay(s.resumes)):
+	case <-t.C:
 	case <-s.ctx.Done():
+		t.Stop()
 		return s.ctx.Err()
 	}
 	s.resumes++
 	return nil
 }
 
-func (s *stream) Close() error {
-	if s.body != nil {
-		err := s.body.Close()
-		s.body = nil
-		return err
+func (s *stream) release() {
+	if s.done != nil {
+		s.done()
 	}
+	s.body, s.done = nil, nil
+}
+
+func (s *stream) Close() error {
+	s.release()
 	return nil
 }

@@ -24,7 +24,6 @@ import (
 	"github.com/containerd/stargz-snapshotter/estargz"
 	"github.com/klauspost/compress/gzip"
 	"github.com/opencontainers/go-digest"
-	"golang.org/x/sync/singleflight"
 )
 
 // Blob is a layer blob: random access to its compressed bytes.
@@ -110,8 +109,8 @@ type Layer struct {
 	prefetch  int64 // bytes before the prefetch landmark, 0 if none
 	root      *Node
 	nodes     int
-	flight    singleflight.Group // one fetch per chunk at a time
-	zstd      bool               // chunks are zstd frames (zstd:chunked), not gzip members
+	fetches   fetchTable // chunk fetches in flight, recent failures, read-ahead state
+	zstd      bool       // chunks are zstd frames (zstd:chunked), not gzip members
 }
 
 // Open reads the footer and TOC of the eStargz blob b and builds its tree.
