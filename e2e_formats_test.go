@@ -9,6 +9,7 @@ import (
 	"runtime"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/google/go-containerregistry/pkg/name"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
@@ -413,6 +414,62 @@ func TestBareEStargz(t *testing.T) {
 			}
 			e.umount()
 			e.assertClean()
+		})
+	}
+}
+
+// TestPlainLifecycle: a mount of only unpacked layers (no FUSE server to
+// watch) still stops on umount, and umount cleans up after a killed server.
+func TestPlainLifecycle(t *testing.T) {
+	needFUSE(t)
+	host := lt.InProcessRegistry(t)
+	img, err := lt.BuildImageAs(0, []lt.Format{lt.FormatUncompressed}, []lt.Entry{lt.FileString("motd", "hello\n")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	lt.Push(t, img, host+"/plainlife:1")
+	for _, kill := range []bool{false, true} {
+		t.Run(fmt.Sprintf("kill=%v", kill), func(t *testing.T) {
+			e := newEnv(t)
+			var stderr bytes.Buffer
+			cmd := e.cmd(host+"/plainlife:1", e.target)
+			cmd.Stderr = &stderr
+			if err := cmd.Start(); err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+			ready := false
+			for range 200 {
+				if b, err := os.ReadFile(filepath.Join(e.target, "motd")); err == nil && string(b) == "hello\n" {
+					ready = true
+					break
+				}
+				time.Sleep(50 * time.Millisecond)
+			}
+			if !ready {
+				t.Fatalf("not mounted\n%s", &stderr)
+			}
+			if kill {
+				cmd.Process.Kill()
+				cmd.Wait()
+			}
+			e.umount()
+			if !kill {
+				done := make(chan error, 1)
+				go func() { done <- cmd.Wait() }()
+				select {
+				case err := <-done:
+					if err != nil {
+						t.Errorf("server: %v\n%s", err, &stderr)
+					}
+				case <-time.After(20 * time.Second):
+					t.Fatalf("server did not exit\n%s", &stderr)
+				}
+			}
+			e.assertClean()
+			if n := len(e.storedLayers()); n != 1 {
+				t.Errorf("%d unpacked layers kept, want 1", n)
+			}
 		})
 	}
 }
