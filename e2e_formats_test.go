@@ -291,45 +291,68 @@ func TestPlainLayerTraversal(t *testing.T) {
 	}
 }
 
-// TestPlainLayerTampered serves a plain layer whose stored bytes do not
-// match its digest: the mount is refused and nothing is kept.
+// TestPlainLayerTampered serves layers whose stored bytes do not match
+// their digest: a plain layer is refused and nothing is kept; a zstd:chunked
+// layer whose TOC was altered cannot be served lazily, falls back to
+// unpacking, and is refused there too.
 func TestPlainLayerTampered(t *testing.T) {
 	needFUSE(t)
 	reg := lt.DistributionRegistry(t)
 	tarBytes := lt.Tar(lt.FileString("f", "original\n"))
-	b, err := lt.Uncompressed(tarBytes)
-	if err != nil {
-		t.Fatal(err)
+	tests := []struct {
+		name  string
+		build func([]byte) (*lt.Blob, error)
+		// tamper changes the stored blob.
+		tamper func(b *lt.Blob, data []byte)
+		want   []string // in the error
+	}{
+		{"uncompressed", lt.Uncompressed, func(_ *lt.Blob, data []byte) {
+			copy(data[bytes.Index(data, []byte("original")):], "modified")
+		}, []string{"does not match its digest"}},
+		{"zstd:chunked TOC", func(tb []byte) (*lt.Blob, error) { return lt.ZstdChunked(tb) }, func(b *lt.Blob, data []byte) {
+			var off, length int64
+			fmt.Sscanf(b.Extra[lt.ZstdChunkedPositionAnnotation], "%d:%d:", &off, &length)
+			data[off+length/2] ^= 1
+		}, []string{"does not match its digest"}},
 	}
-	img, err := lt.Image(b)
-	if err != nil {
-		t.Fatal(err)
+	for i, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			b, err := tt.build(tarBytes)
+			if err != nil {
+				t.Fatal(err)
+			}
+			img, err := lt.Image(b)
+			if err != nil {
+				t.Fatal(err)
+			}
+			ref := fmt.Sprintf("%s/tampered:%d", reg.Addr, i)
+			lt.Push(t, img, ref)
+			path := reg.BlobPath(b.Digest.String())
+			data, err := os.ReadFile(path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			tt.tamper(b, data)
+			if err := os.WriteFile(path, data, 0o644); err != nil {
+				t.Fatal(err)
+			}
+			e := newEnv(t)
+			out, err := e.cmd("--daemon", ref, e.target).CombinedOutput()
+			if err == nil {
+				e.umount()
+				t.Fatalf("tampered layer mounted")
+			}
+			for _, w := range append(tt.want, b.Digest.String()) {
+				if !strings.Contains(string(out), w) {
+					t.Errorf("error output does not mention %q: %s", w, out)
+				}
+			}
+			if n := len(e.storedLayers()); n != 0 {
+				t.Errorf("tampered layer stored")
+			}
+			e.assertClean()
+		})
 	}
-	ref := reg.Addr + "/tampered:1"
-	lt.Push(t, img, ref)
-	path := reg.BlobPath(b.Digest.String())
-	data, err := os.ReadFile(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	i := bytes.Index(data, []byte("original"))
-	copy(data[i:], "modified")
-	if err := os.WriteFile(path, data, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	e := newEnv(t)
-	out, err := e.cmd("--daemon", ref, e.target).CombinedOutput()
-	if err == nil {
-		e.umount()
-		t.Fatalf("tampered layer mounted")
-	}
-	if !strings.Contains(string(out), "does not match its digest") || !strings.Contains(string(out), b.Digest.String()) {
-		t.Errorf("error output: %s", out)
-	}
-	if n := len(e.storedLayers()); n != 0 {
-		t.Errorf("tampered layer stored")
-	}
-	e.assertClean()
 }
 
 // TestUnsupportedLayers: layers stargz-mount cannot mount give one clear
