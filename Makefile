@@ -31,6 +31,7 @@ test: have-deps
 	$(GO) test -run XXX -fuzz '^FuzzTOC$$' -fuzztime 20s ./reader
 	$(GO) test -run XXX -fuzz '^FuzzDecode$$' -fuzztime 20s ./reader
 	$(GO) test -run XXX -fuzz '^FuzzOpen$$' -fuzztime 20s -fuzzminimizetime 2s ./reader
+	$(GO) test -run XXX -fuzz '^FuzzTar$$' -fuzztime 20s -fuzzminimizetime 2s ./unpack
 
 # Debian packages the tests use.
 deps:
