@@ -496,3 +496,56 @@ func TestPlainLifecycle(t *testing.T) {
 		})
 	}
 }
+
+// TestPodmanZstdChunked mounts a zstd:chunked image that podman wrote (its
+// containers/storage writer, not the estargz library's) lazily and compares
+// it with umoci's rootfs of the same layer tar as gzip.
+func TestPodmanZstdChunked(t *testing.T) {
+	needFUSE(t)
+	if _, err := exec.LookPath("podman"); err != nil {
+		t.Skip("needs podman (Debian package podman)")
+	}
+	reg := lt.DistributionRegistry(t)
+	dir := t.TempDir()
+	// podman wants a short runroot.
+	run, err := os.MkdirTemp("/tmp", "pr")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(run) })
+	layer := filepath.Join(dir, "layer.tar")
+	if err := os.WriteFile(layer, lt.Tar(lt.Corpus()[0]...), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	podman := func(args ...string) {
+		t.Helper()
+		cmd := exec.Command("podman", append([]string{"--root", filepath.Join(dir, "root"), "--runroot", run, "--storage-driver", "vfs"}, args...)...)
+		if out, err := cmd.CombinedOutput(); err != nil {
+			t.Fatalf("podman %v: %v\n%s", args, err, out)
+		}
+	}
+	podman("import", layer, "localhost/corpus:1")
+	zc := reg.Addr + "/podman:zstd-chunked"
+	podman("push", "--tls-verify=false", "--compression-format", "zstd:chunked", "localhost/corpus:1", "docker://"+zc)
+	// podman 4.3 reuses the zstd blob when asked for gzip, so the reference
+	// is the same tar pushed as gzip by layertest (podman keeps an imported
+	// layer's tar byte for byte).
+	gzImg, err := lt.BuildImageAs(0, []lt.Format{lt.FormatGzip}, lt.Corpus()[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	gz := reg.Addr + "/podman:gzip"
+	lt.Push(t, gzImg, gz)
+	want := lt.UmociRootfs(t, gz)
+
+	e := newEnv(t)
+	e.mount(zc)
+	if diffs := lt.CompareTrees(want, e.target, lt.FormatFiles...); len(diffs) > 0 {
+		t.Errorf("%d differences between umoci's rootfs and the mount:\n%s", len(diffs), strings.Join(diffs, "\n"))
+	}
+	if n, u := e.fuseMounts(), len(e.storedLayers()); n != 1 || u != 0 {
+		t.Errorf("%d FUSE layers and %d unpacked, want the layer served lazily", n, u)
+	}
+	e.umount()
+	e.assertClean()
+}
