@@ -16,12 +16,13 @@ import (
 func TestImportDirection(t *testing.T) {
 	const module = "github.com/stargz-mount/stargz-mount"
 	allowed := map[string][]string{
-		".":                   {"fetcher", "lru", "mount", "reader", "stats"},
+		".":                   {"fetcher", "lru", "mount", "reader", "stats", "unpack"},
 		"mount":               {"reader"},
 		"reader":              {},
 		"fetcher":             {},
 		"lru":                 {},
 		"stats":               {},
+		"unpack":              {},
 		"internal/demo":       {"internal/layertest"},
 		"bench":               {"internal/layertest", "internal/netshape"},
 		"internal/layertest":  {},
