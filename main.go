@@ -24,6 +24,7 @@ import (
 	"github.com/urfave/cli/v2"
 	"golang.org/x/sync/errgroup"
 
+	"github.com/stargz-mount/stargz-mount/bundle"
 	"github.com/stargz-mount/stargz-mount/fetcher"
 	"github.com/stargz-mount/stargz-mount/mount"
 	"github.com/stargz-mount/stargz-mount/reader"
@@ -43,7 +44,7 @@ func newApp() *cli.App {
 	return &cli.App{
 		Name:      "stargz-mount",
 		Usage:     "mount a container image's root filesystem without pulling it",
-		UsageText: "stargz-mount [options] REF MOUNTPOINT\n   stargz-mount umount MOUNTPOINT\n   stargz-mount inspect [--json] REF",
+		UsageText: "stargz-mount [options] REF MOUNTPOINT\n   stargz-mount bundle [options] REF DIR\n   stargz-mount umount MOUNTPOINT\n   stargz-mount inspect [--json] REF",
 		Description: `Resolves REF in its OCI registry and mounts the image's root filesystem at
 MOUNTPOINT, an existing empty directory. Only each layer's table of contents is
 fetched up front; file data is fetched, verified and cached when it is read.
@@ -63,6 +64,20 @@ paths at most ` + strconv.Itoa(reader.MaxDepth) + ` directories deep, chunks at 
 		Flags:           append(mountFlags(), commonFlags()...),
 		Action:          mountAction,
 		Commands: []*cli.Command{
+			{
+				Name:  "bundle",
+				Usage: "mount an image as the rootfs of an OCI runtime bundle (DIR/rootfs, DIR/config.json) for runc or crun",
+				Description: `Mounts REF at DIR/rootfs (DIR and DIR/rootfs are created if missing) and
+writes DIR/config.json from the image config as 'umoci unpack' does:
+entrypoint and cmd, env, working dir and user, non-interactive. Then
+'runc run -b DIR ID' or 'crun run -b DIR ID' runs the image. Serves like the
+plain mount: in the foreground until a signal or 'stargz-mount umount DIR/rootfs',
+or in the background with --daemon. As a non-root user the config is rootless
+(a user namespace mapping you to root).`,
+				ArgsUsage: "REF DIR",
+				Flags:     append(mountFlags(), commonFlags()...),
+				Action:    bundleAction,
+			},
 			{
 				Name:      "umount",
 				Aliases:   []string{"unmount"},
@@ -216,7 +231,37 @@ func mountAction(c *cli.Context) error {
 		}
 		return err
 	}
-	ref, target := a[0], a[1]
+	return run(c, a[0], a[1], nil)
+}
+
+// bundleAction mounts REF at DIR/rootfs and writes DIR/config.json.
+func bundleAction(c *cli.Context) error {
+	a, err := args(c, "REF", "DIR")
+	if err != nil {
+		return err
+	}
+	dir := a[1]
+	if os.Getenv(readyFDEnv) == "" {
+		if err := os.MkdirAll(filepath.Join(dir, bundle.RootfsDir), 0o755); err != nil {
+			return fmt.Errorf("bundle directory: %w", err)
+		}
+	}
+	return run(c, a[0], filepath.Join(dir, bundle.RootfsDir), func(img *fetcher.Image, m *mount.Mounted) error {
+		opts := []bundle.Option{bundle.ReadOnly(!c.Bool("writable") && c.String("upper") == "")}
+		if uid := os.Geteuid(); uid != 0 {
+			opts = append(opts, bundle.Rootless(uint32(uid), uint32(os.Getegid())))
+		}
+		spec, err := bundle.Spec(img.Config, m.Target, opts...)
+		if err != nil {
+			return fmt.Errorf("bundle config: %w", err)
+		}
+		return bundle.Write(filepath.Dir(m.Target), spec)
+	})
+}
+
+// run serves ref at target, in the background with --daemon; mounted, if
+// not nil, runs once the mount is up and before it is reported ready.
+func run(c *cli.Context, ref, target string, mounted func(*fetcher.Image, *mount.Mounted) error) error {
 	if c.Bool("daemon") && os.Getenv(readyFDEnv) == "" {
 		return daemonize(target, filepath.Join(c.String("cache-dir"), "stargz-mount.log"))
 	}
@@ -224,14 +269,14 @@ func mountAction(c *cli.Context) error {
 	if fd := os.Getenv(readyFDEnv); fd != "" {
 		ready = readyReporter(fd)
 	}
-	err = serve(c, ref, target, ready)
+	err := serve(c, ref, target, ready, mounted)
 	if err != nil {
 		ready(err)
 	}
 	return err
 }
 
-func serve(c *cli.Context, ref, target string, ready func(error)) error {
+func serve(c *cli.Context, ref, target string, ready func(error), mounted func(*fetcher.Image, *mount.Mounted) error) error {
 	logger, err := newLogger(c, os.Stderr)
 	if err != nil {
 		return err
@@ -272,6 +317,14 @@ func serve(c *cli.Context, ref, target string, ready func(error)) error {
 	})
 	if err != nil {
 		return err
+	}
+	if mounted != nil {
+		if err := mounted(img, m); err != nil {
+			if cerr := m.Close(); cerr != nil {
+				logger.Warn("unmount after failure", "err", cerr)
+			}
+			return err
+		}
 	}
 	logger.Info("mounted", "ref", ref, "digest", img.Digest, "target", m.Target, "layers", len(layers))
 	ready(nil)

@@ -36,6 +36,11 @@ const (
 	AnnotationExposedPorts = "org.opencontainers.image.exposedPorts"
 )
 
+// SpecVersion is the ociVersion written: runtime-spec 1.0.2, the fields
+// used here all exist in it, and crun (1.8, Debian bookworm) refuses any
+// version that is not 1.0.x.
+const SpecVersion = "1.0.2"
+
 // Option adjusts Spec.
 type Option func(*options)
 
@@ -179,7 +184,7 @@ func defaultSpec() *specs.Spec {
 		"CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE",
 	}
 	return &specs.Spec{
-		Version: specs.Version,
+		Version: SpecVersion,
 		Process: &specs.Process{
 			Terminal: false,
 			Cwd:      "/",

@@ -183,7 +183,7 @@ func TestSpec(t *testing.T) {
 		if err := json.Unmarshal(b, &back); err != nil {
 			t.Fatal(err)
 		}
-		if !reflect.DeepEqual(back.Process.Args, s.Process.Args) || back.Version != specs.Version {
+		if !reflect.DeepEqual(back.Process.Args, s.Process.Args) || back.Version != SpecVersion {
 			t.Errorf("round trip: %+v", back.Process)
 		}
 		if ents, _ := os.ReadDir(dir); len(ents) != 1 {

@@ -3,6 +3,9 @@ package layertest
 import (
 	"archive/tar"
 	"bytes"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -70,11 +73,7 @@ func DebianTar(t testing.TB) []byte {
 	if err != nil {
 		t.Fatalf("tar the Debian rootfs: %v", err)
 	}
-	tmp := DebianCache + ".tmp"
-	if err := os.WriteFile(tmp, b, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Rename(tmp, DebianCache); err != nil {
+	if err := writeFileAtomic(DebianCache, b); err != nil {
 		t.Fatal(err)
 	}
 	return b
@@ -141,13 +140,8 @@ func tail(b []byte, n int) []byte {
 // Cmd). The test is skipped as DebianTar says.
 func DebianImage(t testing.TB, cfg v1.Config, extra ...[]Entry) v1.Image {
 	t.Helper()
-	base := DebianTar(t)
-	blobs := []*Blob{}
-	b, err := Estargz(base, estargz.WithChunkSize(1<<20))
-	if err != nil {
-		t.Fatalf("eStargz of the Debian rootfs: %v", err)
-	}
-	blobs = append(blobs, b)
+	b := debianBlob(t)
+	blobs := []*Blob{b}
 	for i, entries := range extra {
 		b, err := Estargz(Tar(entries...), estargz.WithChunkSize(64<<10), estargz.WithParallelism(1))
 		if err != nil {
@@ -166,6 +160,50 @@ func DebianImage(t testing.TB, cfg v1.Config, extra ...[]Entry) v1.Image {
 		t.Fatal(err)
 	}
 	return img
+}
+
+// debianBlob returns the Debian fixture as an eStargz blob, cached next to
+// DebianCache (the conversion takes longer than the push).
+func debianBlob(t testing.TB) *Blob {
+	t.Helper()
+	base := DebianTar(t)
+	sum := sha256.Sum256(base)
+	key := hex.EncodeToString(sum[:])
+	dataPath, metaPath := DebianCache+".estargz", DebianCache+".estargz.json"
+	type meta struct {
+		TarSHA256        string
+		Digest, DiffID   string
+		UncompressedSize int64
+		TOCDigest        string
+	}
+	var m meta
+	if mb, err := os.ReadFile(metaPath); err == nil && json.Unmarshal(mb, &m) == nil && m.TarSHA256 == key {
+		if data, err := os.ReadFile(dataPath); err == nil {
+			if b, err := newBlob(data, m.DiffID, m.UncompressedSize); err == nil && b.Digest.String() == m.Digest {
+				b.TOCDigest = m.TOCDigest
+				return b
+			}
+		}
+	}
+	b, err := Estargz(base, estargz.WithChunkSize(1<<20))
+	if err != nil {
+		t.Fatalf("eStargz of the Debian rootfs: %v", err)
+	}
+	m = meta{TarSHA256: key, Digest: b.Digest.String(), DiffID: b.DiffID.String(), UncompressedSize: b.UncompressedSize, TOCDigest: b.TOCDigest}
+	mb, _ := json.Marshal(m)
+	// Best effort: a run that cannot write the cache still has the blob.
+	if err := writeFileAtomic(dataPath, b.Data); err == nil {
+		writeFileAtomic(metaPath, mb)
+	}
+	return b
+}
+
+func writeFileAtomic(path string, data []byte) error {
+	tmp := path + ".tmp"
+	if err := os.WriteFile(tmp, data, 0o644); err != nil {
+		return err
+	}
+	return os.Rename(tmp, path)
 }
 
 // ImageWithConfig is Image with the given container config (entrypoint,
