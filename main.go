@@ -189,6 +189,7 @@ func openLayers(ctx context.Context, img *fetcher.Image, cache *reader.Cache, sk
 				reader.WithCache(cache),
 				reader.WithInsecureSkipVerify(skipVerify),
 				reader.WithLogger(logger),
+				reader.WithOpaqueXattr(mount.OpaqueXattr()),
 			}
 			if d := l.Annotations[estargz.TOCJSONDigestAnnotation]; d != "" {
 				opts = append(opts, reader.WithTOCDigest(digest.Digest(d)))
@@ -286,6 +287,9 @@ func serve(c *cli.Context, ref, target string, ready func(error), mounted func(*
 		return fmt.Errorf("--cache-max-memory: %w", err)
 	}
 	if _, err := mount.CheckTarget(target); err != nil {
+		return err
+	}
+	if err := mount.CheckRootless(); err != nil {
 		return err
 	}
 	fopts, err := fetchOptions(c, logger)
@@ -398,6 +402,9 @@ func readyReporter(fd string) func(error) {
 	if err != nil {
 		return func(error) {}
 	}
+	// Processes this one starts (fusermount3, fuse-overlayfs) must not
+	// hold the pipe open, or the parent never sees it close.
+	syscall.CloseOnExec(n)
 	f := os.NewFile(uintptr(n), "ready")
 	done := false
 	return func(err error) {

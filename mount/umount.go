@@ -169,6 +169,18 @@ func findState(target string) (string, State, error) {
 		if m.target != target {
 			continue
 		}
+		if m.fstype == fuseOverlayFS {
+			// A rootless stack.
+			dir, err := fuseOverlayState(target)
+			if err != nil {
+				return "", State{}, fmt.Errorf("%s is a fuse-overlayfs mount, but not one of stargz-mount's: %w", target, err)
+			}
+			st, err := readState(dir)
+			if err != nil {
+				return "", State{}, fmt.Errorf("%s is a fuse-overlayfs mount, but not one of stargz-mount's: %w", target, err)
+			}
+			return dir, st, nil
+		}
 		if m.fstype != "overlay" {
 			return "", State{}, fmt.Errorf("%s is a %s mount, not one of stargz-mount's", target, m.fstype)
 		}
