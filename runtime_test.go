@@ -212,4 +212,45 @@ exec "$0" run -b "$1" "$2"`
 		e.umount()
 		e.assertClean()
 	})
+
+	t.Run("rootless runc", func(t *testing.T) {
+		runc := needRuntime(t, "runc")
+		if _, err := exec.LookPath("fuse-overlayfs"); err != nil {
+			t.Skip("needs fuse-overlayfs (Debian package fuse-overlayfs)")
+		}
+		u := newUnprivileged(t)
+		openDevFuse(t)
+		work, err := os.MkdirTemp("/tmp", "sgz-rootless-runc")
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { os.RemoveAll(work) })
+		os.Chmod(work, 0o755)
+		exe := filepath.Join(work, "stargz-mount")
+		copyFile(t, binary, exe, 0o755)
+		dir := filepath.Join(work, "bundle")
+		os.Mkdir(dir, 0o755)
+		os.Chown(dir, int(u.uid), int(u.gid))
+		rootfs := filepath.Join(dir, "rootfs")
+		t.Cleanup(func() {
+			if mounted(rootfs) {
+				exec.Command(binary, "umount", rootfs).Run()
+			}
+		})
+		u.run(exe, "bundle", "--daemon", ref, dir)
+		state := filepath.Join(u.home, "runc")
+		id := containerID(t)
+		t.Cleanup(func() { u.command(runc, "--root", state, "delete", "-f", id).Run() })
+		// In the user namespace the user is root: the image's user
+		// nobody is not mapped, so the process runs as (mapped) root.
+		out := u.run(runc, "--root", state, "run", "-b", dir, id)
+		lines := strings.Split(strings.TrimSpace(out), "\n")
+		if len(lines) != 4 || lines[0] != "0" || lines[2] != "character special file 1:3" || !strings.HasPrefix(lines[3], "12.") {
+			t.Errorf("rootless runc output %q", out)
+		}
+		u.run(exe, "umount", rootfs)
+		if mounted(rootfs) {
+			t.Errorf("%s still mounted", rootfs)
+		}
+	})
 }

@@ -59,7 +59,7 @@ func ReadOnly(ro bool) Option { return func(o *options) { o.readOnly = ro } }
 // Rootless makes the spec runnable by an unprivileged user, as `runc spec
 // --rootless` does: a user namespace mapping uid and gid to root, no network
 // namespace, /sys bind-mounted instead of a new sysfs, no cgroup mount.
-// Default off.
+// The process runs as that root, whatever the image's user. Default off.
 func Rootless(uid, gid uint32) Option {
 	return func(o *options) { o.rootless, o.hostUID, o.hostGID = true, uid, gid }
 }
@@ -93,7 +93,12 @@ func Spec(cfg *v1.ConfigFile, rootfs string, opts ...Option) (*specs.Spec, error
 	if err != nil {
 		return nil, err
 	}
-	u, err := lookupUser(c.User, rootfs)
+	userSpec := c.User
+	if o.rootless {
+		// Only the caller is mapped (to root): the image's user cannot be.
+		userSpec = ""
+	}
+	u, err := lookupUser(userSpec, rootfs)
 	if err != nil {
 		return nil, err
 	}
@@ -261,6 +266,4 @@ func toRootless(s *specs.Spec, uid, gid uint32) {
 	}
 	s.Mounts = mounts
 	s.Linux.Resources = nil
-	// Only root is mapped: run the process as that root.
-	s.Process.User = specs.User{}
 }

@@ -155,6 +155,9 @@ func TestSpec(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
+		if s.Process.User.UID != 0 || s.Process.User.GID != 0 || s.Process.Env[len(s.Process.Env)-1] != "HOME=/root" {
+			t.Errorf("rootless process user %+v env %q, want root", s.Process.User, s.Process.Env)
+		}
 		if s.Linux.UIDMappings[0].HostID != 1234 || s.Linux.GIDMappings[0].HostID != 2345 {
 			t.Errorf("mappings %+v %+v", s.Linux.UIDMappings, s.Linux.GIDMappings)
 		}
