@@ -67,6 +67,13 @@ func newUnprivileged(t testing.TB) *unprivileged {
 	return &unprivileged{t: t, name: name, uid: uint32(uid), gid: uint32(gid), home: u.HomeDir}
 }
 
+// in returns u reporting failures to t, for subtests.
+func (u *unprivileged) in(t testing.TB) *unprivileged {
+	c := *u
+	c.t = t
+	return &c
+}
+
 // command runs name as the user, with a login-like environment and no
 // XDG variables, so defaults apply.
 func (u *unprivileged) command(name string, args ...string) *exec.Cmd {
@@ -165,6 +172,7 @@ func TestRootless(t *testing.T) {
 	})
 
 	t.Run("clear error without /dev/fuse access", func(t *testing.T) {
+		u := u.in(t)
 		fi, _ := os.Stat("/dev/fuse")
 		if fi.Mode().Perm()&0o006 == 0o006 {
 			t.Skip("/dev/fuse is already open to everyone on this machine")
@@ -229,6 +237,7 @@ func TestRootless(t *testing.T) {
 	}
 
 	t.Run("umount after the server was killed", func(t *testing.T) {
+		u := u.in(t)
 		u.run(exe, "--daemon", ref, target)
 		u.run("pkill", "-KILL", "-f", "^"+exe+" ")
 		u.run(exe, "umount", target)
