@@ -216,6 +216,10 @@ func TestRootless(t *testing.T) {
 	if err := u.command("touch", target+"/new").Run(); err == nil {
 		t.Errorf("a read-only rootless mount took a new file")
 	}
+	// Everything shows as the user's own (fuse-overlayfs squashes owners).
+	if got, want := u.run("stat", "-c", "%u:%g", target+"/etc/motd"), fmt.Sprintf("%d:%d\n", u.uid, u.gid); got != want {
+		t.Errorf("owner as the user: %q, want %q", got, want)
+	}
 	// State and the daemon log follow XDG defaults: ~/.cache/stargz-mount.
 	cache := filepath.Join(u.home, ".cache/stargz-mount")
 	if _, err := os.Stat(filepath.Join(cache, "stargz-mount.log")); err != nil {
@@ -235,6 +239,22 @@ func TestRootless(t *testing.T) {
 	if ents, _ := os.ReadDir(filepath.Join(cache, "m")); len(ents) > 0 {
 		t.Errorf("per-mount state left: %d entries", len(ents))
 	}
+
+	t.Run("--writable", func(t *testing.T) {
+		u := u.in(t)
+		u.run(exe, "--daemon", "--writable", ref, target)
+		u.run("sh", "-c", `echo changed > "$0"/etc/motd && mkdir "$0"/etc/new && rm "$0"/big`, target)
+		if got := u.run("cat", target+"/etc/motd"); got != "changed\n" {
+			t.Errorf("motd after write: %q", got)
+		}
+		if got := u.run("ls", target); got != "etc\nopq\n" {
+			t.Errorf("ls after rm: %q", got)
+		}
+		u.run(exe, "umount", target)
+		if mounted(target) || len(leftMounts(u.home)) > 0 {
+			t.Errorf("mounts left: target %v, home %q", mounted(target), leftMounts(u.home))
+		}
+	})
 
 	t.Run("umount after the server was killed", func(t *testing.T) {
 		u := u.in(t)

@@ -253,4 +253,42 @@ exec "$0" run -b "$1" "$2"`
 			t.Errorf("%s still mounted", rootfs)
 		}
 	})
+
+	t.Run("rootless podman --rootfs", func(t *testing.T) {
+		podman := needRuntime(t, "podman")
+		needRuntime(t, "runc")
+		if _, err := exec.LookPath("fuse-overlayfs"); err != nil {
+			t.Skip("needs fuse-overlayfs (Debian package fuse-overlayfs)")
+		}
+		u := newUnprivileged(t)
+		openDevFuse(t)
+		work, err := os.MkdirTemp("/tmp", "sgz-rootless-podman")
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { os.RemoveAll(work) })
+		os.Chmod(work, 0o755)
+		exe := filepath.Join(work, "stargz-mount")
+		copyFile(t, binary, exe, 0o755)
+		target := filepath.Join(work, "mnt")
+		os.Mkdir(target, 0o755)
+		os.Chown(target, int(u.uid), int(u.gid))
+		t.Cleanup(func() {
+			if mounted(target) {
+				exec.Command(binary, "umount", target).Run()
+			}
+		})
+		u.run(exe, "--daemon", "--writable", ref, target)
+		out := u.run(podman, "run", "--rm", "--runtime", "runc", "--network", "none",
+			"--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024",
+			"--rootfs", target, "/bin/sh", "-c", runtimeScript)
+		lines := strings.Split(strings.TrimSpace(out), "\n")
+		if len(lines) != 4 || lines[0] != "0" || lines[2] != "character special file 1:3" || !strings.HasPrefix(lines[3], "12.") {
+			t.Errorf("rootless podman output %q", out)
+		}
+		u.run(exe, "umount", target)
+		if mounted(target) {
+			t.Errorf("%s still mounted", target)
+		}
+	})
 }

@@ -3,12 +3,15 @@ package mount
 import (
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
 	"time"
+
+	"bazil.org/fuse"
 )
 
 // Rootless mounts: kernel overlayfs can be mounted by an unprivileged user
@@ -66,6 +69,11 @@ func (m *Mounted) fuseOverlay(target, data string) error {
 	if strings.Contains(m.dir, ",") {
 		return fmt.Errorf("state directory %s has a comma, which fuse-overlayfs cannot take: use another --cache-dir", m.dir)
 	}
+	// Every file shows as the caller's own: they could pull the image
+	// anyway, so this grants nothing, and it is what lets them read the
+	// whole tree, write to a --writable mount, and see the image's files
+	// as root-owned from a rootless container's user namespace.
+	data += fmt.Sprintf(",squash_to_uid=%d,squash_to_gid=%d", os.Getuid(), os.Getgid())
 	cmd := exec.Command("fuse-overlayfs", "-f", "-o", data, target)
 	var out strings.Builder
 	cmd.Stdout, cmd.Stderr = &out, &out
@@ -142,4 +150,22 @@ func fuseOverlayState(target string) (string, error) {
 		}
 	}
 	return "", fmt.Errorf("no fuse-overlayfs process serves %s", target)
+}
+
+// userUnmount removes a FUSE mount of the caller's with fusermount3. A
+// lower of a fuse-overlayfs that is still exiting is busy for a moment, so
+// it retries for a few seconds before detaching the mount lazily.
+func userUnmount(dir string, logger *slog.Logger) error {
+	var err error
+	for range 40 {
+		if err = fuse.Unmount(dir); err == nil {
+			return nil
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	logger.Warn("mount is busy; detaching it lazily", "path", dir, "err", err)
+	if out, lerr := exec.Command("fusermount3", "-u", "-z", dir).CombinedOutput(); lerr != nil {
+		return fmt.Errorf("fusermount3 -u -z %s: %v: %s", dir, lerr, strings.TrimSpace(string(out)))
+	}
+	return nil
 }

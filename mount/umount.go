@@ -12,7 +12,6 @@ import (
 	"syscall"
 	"time"
 
-	"bazil.org/fuse"
 	"golang.org/x/sys/unix"
 )
 
@@ -28,7 +27,7 @@ func unmount(dir string, logger *slog.Logger) error {
 	}
 	if errors.Is(err, unix.EPERM) {
 		// Not root: FUSE mounts are the user's to remove via fusermount3.
-		if ferr := fuse.Unmount(dir); ferr == nil {
+		if ferr := userUnmount(dir, logger); ferr == nil {
 			return nil
 		}
 	}
