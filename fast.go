@@ -114,11 +114,8 @@ func (s *session) waitPrefetch(timeout time.Duration) {
 }
 
 // startBackground fetches the rest of every layer once prefetching ended.
-// Fetched chunks live in the memory cache only, so an image whose data
-// does not fit in memory is not fetched: it would only evict what reads
-// need.
-// capacity is what the caches can hold (memory and disk); an image whose
-// data is larger would only evict what it fetched.
+// capacity is what the caches hold (memory and disk): an image whose data
+// is larger is not fetched, as it would only evict what reads need.
 func (s *session) startBackground(bandwidth, capacity int64) {
 	var total, data int64
 	for _, l := range s.layers {
