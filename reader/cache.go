@@ -87,8 +87,15 @@ func (c *Cache) get(key string) ([]byte, bool) {
 	if b, ok := c.getMemory(key); ok {
 		return b, true
 	}
+	b, ok, _ := c.getStore(key)
+	return b, ok
+}
+
+// getStore looks in the store only, keeping what it finds in memory;
+// looked is false when there is no store.
+func (c *Cache) getStore(key string) (b []byte, ok, looked bool) {
 	if c.store == nil {
-		return nil, false
+		return nil, false, false
 	}
 	// The kernel reads ahead in parallel: the reads of one chunk that
 	// miss together share one store read.
@@ -100,8 +107,8 @@ func (c *Cache) get(key string) ([]byte, bool) {
 		c.setMemory(key, b)
 		return b, nil
 	})
-	b, _ := v.([]byte)
-	return b, b != nil
+	b, _ = v.([]byte)
+	return b, b != nil, true
 }
 
 // has reports whether key is cached, without reading it from the store
