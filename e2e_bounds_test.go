@@ -14,6 +14,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -160,16 +161,27 @@ func peakRSS(t *testing.T, pid int) int64 {
 }
 
 // chunkDiskBytes sums the blocks of the disk cache's files (entries and
-// temp files; not the lock and count files).
+// temp files; not the lock and count files). An entry is written as a temp
+// file and hard-linked into place: a file seen under both names while the
+// walk runs is one inode, counted once.
 func chunkDiskBytes(dir string) int64 {
 	var n int64
+	seen := map[uint64]bool{}
 	filepath.WalkDir(filepath.Join(dir, "chunks"), func(p string, d fs.DirEntry, err error) error {
 		if err != nil || !d.Type().IsRegular() || strings.HasPrefix(d.Name(), ".") || filepath.Base(filepath.Dir(p)) == ".locks" {
 			return nil
 		}
-		if fi, err := d.Info(); err == nil {
-			n += (fi.Size() + 4095) / 4096 * 4096
+		fi, err := d.Info()
+		if err != nil {
+			return nil
 		}
+		if st, ok := fi.Sys().(*syscall.Stat_t); ok {
+			if seen[st.Ino] {
+				return nil
+			}
+			seen[st.Ino] = true
+		}
+		n += (fi.Size() + 4095) / 4096 * 4096
 		return nil
 	})
 	return n
