@@ -435,7 +435,7 @@ func serve(c *cli.Context, ref, target string, ready func(error), mounted func(*
 // memorySlack is what the process may use beyond --cache-max-memory before
 // the Go runtime collects garbage aggressively: TOC trees, buffers of
 // reads in flight, the runtime itself.
-const memorySlack = 48 << 20
+const memorySlack = 40 << 20
 
 // openStore opens the disk cache in the cache dir, or returns nil when
 // --cache-max-disk is 0.
