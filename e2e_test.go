@@ -121,6 +121,10 @@ func newEnv(t testing.TB) *env {
 		if mounted(e.target) {
 			unix.Unmount(e.target, unix.MNT_DETACH)
 		}
+		if t.Failed() {
+			b, _ := os.ReadFile(filepath.Join(cache, "stargz-mount.log"))
+			t.Logf("stargz-mount.log of the failed test:\n%s", b)
+		}
 		os.RemoveAll(cache)
 	})
 	return e
