@@ -16,13 +16,15 @@ import (
 func TestImportDirection(t *testing.T) {
 	const module = "github.com/stargz-mount/stargz-mount"
 	allowed := map[string][]string{
-		".":                   {"bundle", "fetcher", "lru", "mount", "reader"},
+		".":                   {"bundle", "fetcher", "lru", "mount", "reader", "stats"},
 		"bundle":              {},
 		"mount":               {"reader"},
 		"reader":              {},
 		"fetcher":             {},
 		"lru":                 {},
+		"stats":               {},
 		"internal/demo":       {"internal/layertest"},
+		"bench":               {"internal/layertest", "internal/netshape"},
 		"internal/layertest":  {},
 		"internal/netshape":   {},
 		"internal/faultproxy": {},
