@@ -256,6 +256,37 @@ func TestRootless(t *testing.T) {
 		}
 	})
 
+	t.Run("fusermount3 -u from outside stops the server", func(t *testing.T) {
+		u := u.in(t)
+		var stderr bytes.Buffer
+		cmd := u.command(exe, ref, target)
+		cmd.Stderr = &stderr
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		for i := 0; i < 400 && !mounted(target); i++ {
+			time.Sleep(50 * time.Millisecond)
+		}
+		if !mounted(target) {
+			cmd.Process.Kill()
+			cmd.Wait()
+			t.Fatalf("foreground server did not mount:\n%s", stderr.String())
+		}
+		u.run("fusermount3", "-u", target)
+		done := make(chan error, 1)
+		go func() { done <- cmd.Wait() }()
+		select {
+		case <-done:
+		case <-time.After(30 * time.Second):
+			cmd.Process.Kill()
+			<-done
+			t.Fatalf("server still running after its overlay was unmounted:\n%s", stderr.String())
+		}
+		if mounted(target) || len(leftMounts(u.home)) > 0 {
+			t.Errorf("mounts left: target %v, home %q", mounted(target), leftMounts(u.home))
+		}
+	})
+
 	t.Run("umount after the server was killed", func(t *testing.T) {
 		u := u.in(t)
 		u.run(exe, "--daemon", ref, target)
