@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
@@ -153,6 +154,47 @@ func TestRuntimes(t *testing.T) {
 		}
 		if out, err := exec.Command(binary, "umount", filepath.Join(dir, "rootfs")).CombinedOutput(); err != nil {
 			t.Fatalf("umount: %v\n%s", err, out)
+		}
+		e.assertClean()
+	})
+
+	t.Run("bundle in the foreground until umount", func(t *testing.T) {
+		e := newEnv(t)
+		dir := filepath.Join(filepath.Dir(e.target), "fg")
+		rootfs := filepath.Join(dir, "rootfs")
+		var stderr bytes.Buffer
+		cmd := exec.Command(binary, "bundle", "--cache-dir", e.cache, ref, dir)
+		cmd.Stderr = &stderr
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() {
+			cmd.Process.Kill()
+			if mounted(rootfs) {
+				exec.Command(binary, "umount", rootfs).Run()
+			}
+		})
+		done := make(chan error, 1)
+		go func() { done <- cmd.Wait() }()
+		for i := 0; i < 600; i++ {
+			if _, err := os.Stat(filepath.Join(dir, "config.json")); err == nil {
+				break
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+		if !mounted(rootfs) {
+			t.Fatalf("no config.json and mount after 30s:\n%s", stderr.String())
+		}
+		if out, err := exec.Command(binary, "umount", rootfs).CombinedOutput(); err != nil {
+			t.Fatalf("umount: %v\n%s", err, out)
+		}
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Errorf("bundle exited with %v\n%s", err, stderr.String())
+			}
+		case <-time.After(30 * time.Second):
+			t.Fatalf("bundle still serving after umount")
 		}
 		e.assertClean()
 	})
