@@ -16,13 +16,14 @@ import (
 func TestImportDirection(t *testing.T) {
 	const module = "github.com/stargz-mount/stargz-mount"
 	allowed := map[string][]string{
-		".":                   {"bundle", "fetcher", "lru", "mount", "reader", "stats"},
+		".":                   {"bundle", "fetcher", "lru", "mount", "reader", "stats", "unpack"},
 		"bundle":              {},
 		"mount":               {"reader"},
 		"reader":              {},
 		"fetcher":             {},
 		"lru":                 {},
 		"stats":               {},
+		"unpack":              {},
 		"internal/demo":       {"internal/layertest"},
 		"bench":               {"internal/layertest", "internal/netshape"},
 		"internal/layertest":  {},

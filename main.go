@@ -1,6 +1,7 @@
 // Command stargz-mount mounts a container image from an OCI registry as a
-// root filesystem without pulling it: each eStargz layer is served lazily
-// through FUSE and the layers are stacked with overlayfs.
+// root filesystem without pulling it: each eStargz or zstd:chunked layer is
+// served lazily through FUSE, plain layers are unpacked into a shared cache,
+// and the layers are stacked with overlayfs.
 package main
 
 import (
@@ -31,6 +32,7 @@ import (
 	"github.com/stargz-mount/stargz-mount/mount"
 	"github.com/stargz-mount/stargz-mount/reader"
 	"github.com/stargz-mount/stargz-mount/stats"
+	"github.com/stargz-mount/stargz-mount/unpack"
 )
 
 // readyFDEnv names the file descriptor a --daemon child reports readiness on.
@@ -51,8 +53,9 @@ func newApp() *cli.App {
 		Description: `Resolves REF in its OCI registry and mounts the image's root filesystem at
 MOUNTPOINT, an existing empty directory. Only each layer's table of contents is
 fetched up front; file data is fetched, verified and cached when it is read.
-Each eStargz layer is served read-only through FUSE and the layers are stacked
-with overlayfs. stargz-mount stays in the foreground until SIGINT or SIGTERM
+Each eStargz or zstd:chunked layer is served read-only through FUSE; plain
+gzip, zstd and uncompressed layers are fetched once, checked against their
+digest and unpacked into the cache dir; the layers are stacked with overlayfs. stargz-mount stays in the foreground until SIGINT or SIGTERM
 or 'stargz-mount umount MOUNTPOINT', then removes every mount it made.
 
 Example:
@@ -113,7 +116,7 @@ func commonFlags() []cli.Flag {
 		&cli.StringFlag{Name: "platform", Usage: "pick `OS/ARCH[/VARIANT]` from a multi-platform image (default: this host's)"},
 		&cli.BoolFlag{Name: "plain-http", Usage: "speak plain HTTP to the registry (always so for localhost, 127.0.0.0/8 and ::1)"},
 		&cli.BoolFlag{Name: "insecure-skip-tls-verify", Usage: "accept any TLS certificate from the registry"},
-		&cli.BoolFlag{Name: "insecure-skip-verify", Usage: "mount layers that carry no TOC digest annotation, unverified"},
+		&cli.BoolFlag{Name: "insecure-skip-verify", Usage: "serve gzip layers without a TOC digest annotation lazily, unverified (default: unpack them, checked against their digest)"},
 		&cli.StringFlag{Name: "creds", Usage: "log in to the registry as `USER:PASS` (default: podman auth files, then the Docker config)"},
 		&cli.StringFlag{Name: "ca-file", Usage: "trust the PEM certificates in `FILE` besides the system roots"},
 		&cli.StringSliceFlag{Name: "mirror", Usage: "try `REGISTRY=MIRROR` (host[:port]) first for REGISTRY's images, the origin if it fails; repeatable"},
@@ -209,56 +212,6 @@ func fetchOptions(c *cli.Context, logger *slog.Logger) ([]fetcher.Option, error)
 		opts = append(opts, fetcher.WithPlatform(plat))
 	}
 	return opts, nil
-}
-
-// openLayers opens every layer's TOC, all in parallel.
-// Each layer reads through blobs[i]; opened is called as each is opened.
-func openLayers(ctx context.Context, img *fetcher.Image, blobs []*fetcher.Blob, cache *reader.Cache, skipVerify bool, logger *slog.Logger, opened func(), extra ...reader.Option) ([]*reader.Layer, error) {
-	layers := make([]*reader.Layer, len(img.Layers))
-	g, ctx := errgroup.WithContext(ctx)
-	for i, l := range img.Layers {
-		if err := checkMediaType(i, l); err != nil {
-			return nil, err
-		}
-		g.Go(func() error {
-			opts := append([]reader.Option{
-				reader.WithName(l.Digest.String()),
-				reader.WithCache(cache),
-				reader.WithInsecureSkipVerify(skipVerify),
-				reader.WithLogger(logger),
-				reader.WithOpaqueXattr(mount.OpaqueXattr()),
-			}, extra...)
-			if d := l.Annotations[estargz.TOCJSONDigestAnnotation]; d != "" {
-				opts = append(opts, reader.WithTOCDigest(digest.Digest(d)))
-			}
-			rl, err := reader.Open(ctx, blobs[i], opts...)
-			if errors.Is(err, reader.ErrNoTOCDigest) {
-				return fmt.Errorf("layer %d (%s) has no %s annotation, so its contents cannot be verified: rebuild the image as eStargz (e.g. `nerdctl image convert --estargz`), or pass --insecure-skip-verify to mount it unverified",
-					i, l.Digest, estargz.TOCJSONDigestAnnotation)
-			}
-			if errors.Is(err, reader.ErrNotEStargz) {
-				return fmt.Errorf("layer %d (%s, %s) is not eStargz: only eStargz layers can be mounted for now", i, l.Digest, l.MediaType)
-			}
-			if err != nil {
-				return fmt.Errorf("layer %d: %w", i, err)
-			}
-			layers[i] = rl
-			opened()
-			return nil
-		})
-	}
-	if err := g.Wait(); err != nil {
-		return nil, err
-	}
-	return layers, nil
-}
-
-func checkMediaType(i int, l fetcher.Layer) error {
-	switch l.MediaType {
-	case "application/vnd.oci.image.layer.v1.tar+gzip", "application/vnd.docker.image.rootfs.diff.tar.gzip":
-		return nil
-	}
-	return fmt.Errorf("layer %d (%s) has media type %s: only eStargz (gzip) layers can be mounted", i, l.Digest, l.MediaType)
 }
 
 func mountAction(c *cli.Context) error {
@@ -389,11 +342,29 @@ func serve(c *cli.Context, ref, target string, ready func(error), mounted func(*
 	}
 	cache := reader.NewCache(memory, copts...)
 	defer cache.Close()
-	blobs := layerBlobs(img)
-	layers, err := openLayers(ctx, img, blobs, cache, c.Bool("insecure-skip-verify"), logger,
-		prog.count("TOCs", len(img.Layers)), reader.WithDemand(reader.NewDemand()))
+	opener := &layerOpener{
+		img:        img,
+		blobs:      layerBlobs(img),
+		cache:      cache,
+		store:      unpack.NewStore(c.String("cache-dir")),
+		skipVerify: c.Bool("insecure-skip-verify"),
+		logger:     logger,
+		opened:     prog.count("layers", len(img.Layers)),
+		extra:      []reader.Option{reader.WithDemand(reader.NewDemand()), reader.WithOpaqueXattr(mount.OpaqueXattr())},
+	}
+	lowers, err := opener.open(ctx)
 	if err != nil {
 		return err
+	}
+	// Prefetch, background fetch, stats and the access record concern the
+	// lazily served layers; unpacked ones are local already.
+	var layers []*reader.Layer
+	var blobs []*fetcher.Blob
+	for i, lw := range lowers {
+		if lw.Layer != nil {
+			layers = append(layers, lw.Layer)
+			blobs = append(blobs, opener.blobs[i])
+		}
 	}
 	if recordPath != "" {
 		for _, l := range layers {
@@ -403,7 +374,7 @@ func serve(c *cli.Context, ref, target string, ready func(error), mounted func(*
 	sess := newSession(ref, img, blobs, layers, prog, logger)
 	defer sess.close("")
 	sess.startPrefetch(c.Bool("prefetch"))
-	m, err := mount.Mount(ctx, layers, target, mount.Options{
+	m, err := mount.MountLowers(ctx, lowers, target, mount.Options{
 		StateDir: c.String("cache-dir"),
 		Writable: c.Bool("writable"),
 		Upper:    c.String("upper"),
@@ -414,6 +385,11 @@ func serve(c *cli.Context, ref, target string, ready func(error), mounted func(*
 	if err != nil {
 		return err
 	}
+	sess.waitPrefetch(c.Duration("prefetch-timeout"))
+	if err := sess.publish(m.Target, c.String("metrics-addr")); err != nil {
+		m.Close()
+		return err
+	}
 	if mounted != nil {
 		if err := mounted(img, m); err != nil {
 			if cerr := m.Close(); cerr != nil {
@@ -422,12 +398,7 @@ func serve(c *cli.Context, ref, target string, ready func(error), mounted func(*
 			return err
 		}
 	}
-	sess.waitPrefetch(c.Duration("prefetch-timeout"))
-	if err := sess.publish(m.Target, c.String("metrics-addr")); err != nil {
-		m.Close()
-		return err
-	}
-	logger.Info("mounted", "ref", ref, "digest", img.Digest, "target", m.Target, "layers", len(layers))
+	logger.Info("mounted", "ref", ref, "digest", img.Digest, "target", m.Target, "layers", len(lowers))
 	if os.Getenv(progressFDEnv) != "" {
 		// The waiting parent's terminal is not ours after ready.
 		prog.done()
@@ -438,7 +409,11 @@ func serve(c *cli.Context, ref, target string, ready func(error), mounted func(*
 	}
 	ready(nil)
 	if c.Bool("background-fetch") {
-		sess.startBackground(bandwidth, memory)
+		capacity := memory
+		if store != nil {
+			capacity += store.Max()
+		}
+		sess.startBackground(bandwidth, capacity)
 	}
 
 	werr := m.Wait(ctx)
@@ -583,6 +558,7 @@ type layerInfo struct {
 	Size             int64  `json:"size"`
 	UncompressedSize int64  `json:"uncompressedSize,omitempty"`
 	EStargz          bool   `json:"estargz"`
+	Format           string `json:"format"` // how a mount uses it: estargz, zstd:chunked, gzip, zstd, uncompressed (unpacked) or unsupported
 	TOCDigest        string `json:"tocDigest,omitempty"`
 	Entries          int    `json:"entries,omitempty"`
 	PrioritizedBytes int64  `json:"prioritizedBytes"`
@@ -625,7 +601,28 @@ func inspectAction(c *cli.Context) error {
 		if s, err := strconv.ParseInt(l.Annotations[estargz.StoreUncompressedSizeAnnotation], 10, 64); err == nil {
 			li.UncompressedSize = s
 		}
-		if checkMediaType(i, l) != nil {
+		f, err := formatOf(i, l)
+		if err != nil {
+			li.Format, li.Error = "unsupported", err.Error()
+			continue
+		}
+		li.Format = f.String()
+		if f.zstdChunked {
+			g.Go(func() error {
+				rl, err := reader.OpenZstdChunked(ctx, img.Blob(l), digest.Digest(annotation(l, zstdChunkedChecksumAnnotations)),
+					annotation(l, zstdChunkedPositionAnnotations), reader.WithName(l.Digest.String()), reader.WithCache(cache),
+					reader.WithInsecureSkipVerify(true), reader.WithLogger(logger))
+				if err != nil {
+					li.Error = err.Error()
+					return nil
+				}
+				li.TOCDigest = rl.TOCDigest().String()
+				li.Entries = rl.Entries()
+				return nil
+			})
+			continue
+		}
+		if f.compression != compressionGzip {
 			continue
 		}
 		g.Go(func() error {

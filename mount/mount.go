@@ -72,15 +72,45 @@ type State struct {
 
 const stateFile = "state.json"
 
+// Lower is one layer of a stack: either a layer served lazily through FUSE
+// or a directory that overlayfs reads directly (an unpacked layer, already
+// in the overlay form for whiteouts and opaque directories).
+type Lower struct {
+	Layer *reader.Layer
+	Dir   string
+}
+
+func (l Lower) name() string {
+	if l.Layer != nil {
+		return l.Layer.Name()
+	}
+	return l.Dir
+}
+
 // Mount mounts layers (bottom first) read-only through FUSE and an overlay
 // of them at target. target must be an existing empty directory. On error
 // nothing stays mounted.
-func Mount(ctx context.Context, layers []*reader.Layer, target string, o Options) (_ *Mounted, err error) {
+func Mount(ctx context.Context, layers []*reader.Layer, target string, o Options) (*Mounted, error) {
+	lowers := make([]Lower, len(layers))
+	for i, l := range layers {
+		lowers[i] = Lower{Layer: l}
+	}
+	return MountLowers(ctx, lowers, target, o)
+}
+
+// MountLowers is Mount for a stack that may mix FUSE layers and
+// directories, bottom first.
+func MountLowers(ctx context.Context, layers []Lower, target string, o Options) (_ *Mounted, err error) {
 	if o.Logger == nil {
 		o.Logger = slog.Default()
 	}
 	if len(layers) == 0 {
 		return nil, errors.New("image has no layers")
+	}
+	for i, l := range layers {
+		if (l.Layer == nil) == (l.Dir == "") {
+			return nil, fmt.Errorf("layer %d: want exactly one of a FUSE layer and a directory", i)
+		}
 	}
 	if (o.Upper == "") != (o.Work == "") {
 		return nil, errors.New("--upper and --work go together")
@@ -106,8 +136,12 @@ func Mount(ctx context.Context, layers []*reader.Layer, target string, o Options
 	}()
 
 	st := State{PID: os.Getpid(), Ref: o.Ref, Target: target}
-	for i := range layers {
-		st.Layers = append(st.Layers, filepath.Join(dir, fmt.Sprint(i)))
+	paths := make([]string, len(layers))
+	for i, l := range layers {
+		paths[i] = filepath.Join(dir, fmt.Sprint(i))
+		if l.Layer != nil {
+			st.Layers = append(st.Layers, paths[i])
+		}
 	}
 	// Write the state first: a crash in the middle leaves something umount
 	// can find.
@@ -115,9 +149,18 @@ func Mount(ctx context.Context, layers []*reader.Layer, target string, o Options
 		return nil, err
 	}
 	for i, l := range layers {
-		lm, err := mountLayer(l, st.Layers[i], o.Logger)
+		if l.Layer == nil {
+			// A directory lower goes in as a symlink in the state dir: the
+			// overlay options stay short, and every lowerdir names the
+			// state dir, which is how umount finds it.
+			if err := os.Symlink(l.Dir, paths[i]); err != nil {
+				return nil, err
+			}
+			continue
+		}
+		lm, err := mountLayer(l.Layer, paths[i], o.Logger)
 		if err != nil {
-			return nil, fmt.Errorf("mount layer %s: %w", l.Name(), err)
+			return nil, fmt.Errorf("mount layer %s: %w", l.name(), err)
 		}
 		m.mu.Lock()
 		m.layers = append(m.layers, lm)
@@ -125,12 +168,12 @@ func Mount(ctx context.Context, layers []*reader.Layer, target string, o Options
 	}
 	// Overlay copies the root attributes of each lower when it is mounted:
 	// make the kernel ask every FUSE server for them first.
-	lowers := make([]string, 0, len(st.Layers)+1)
-	for i := len(st.Layers) - 1; i >= 0; i-- {
-		if _, err := os.Stat(st.Layers[i]); err != nil {
-			return nil, fmt.Errorf("layer mount %s does not answer: %w", st.Layers[i], err)
+	lowers := make([]string, 0, len(paths)+1)
+	for i := len(paths) - 1; i >= 0; i-- {
+		if _, err := os.Stat(paths[i]); err != nil {
+			return nil, fmt.Errorf("layer %s does not answer: %w", paths[i], err)
 		}
-		lowers = append(lowers, st.Layers[i])
+		lowers = append(lowers, paths[i])
 	}
 	opts := []string{}
 	flags := uintptr(0)

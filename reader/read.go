@@ -302,6 +302,9 @@ func (l *Layer) run(p *plan) {
 
 // decode decompresses chunk c from its compressed bytes and verifies it.
 func decode(c *chunk, comp []byte) ([]byte, error) {
+	if c.zstd {
+		return decodeZstd(c, comp)
+	}
 	// Deflate cannot expand data more than 1032 times: a TOC declaring more
 	// is lying, and believing it would allocate for nothing.
 	if c.inner+c.size > int64(len(comp))*1032+1024 {

@@ -241,7 +241,7 @@ func ImageWithConfig(cfg v1.Config, blobs ...*Blob) (v1.Image, error) {
 		adds[i] = mutate.Addendum{
 			Layer:       b.Layer(),
 			Annotations: b.Annotations(),
-			MediaType:   LayerMediaType,
+			MediaType:   b.mediaType(),
 			History:     v1.History{Created: v1.Time{Time: DefaultMTime}, CreatedBy: fmt.Sprintf("layertest layer %d", i)},
 		}
 	}

@@ -28,6 +28,17 @@ type Blob struct {
 	DiffID           v1.Hash // sha256 of the uncompressed tar
 	UncompressedSize int64
 	TOCDigest        string // digest of the TOC JSON; empty for plain gzip
+	// MediaType is the layer's media type; empty means LayerMediaType.
+	MediaType types.MediaType
+	// Extra are more descriptor annotations (zstd:chunked's, for example).
+	Extra map[string]string
+}
+
+func (b *Blob) mediaType() types.MediaType {
+	if b.MediaType == "" {
+		return LayerMediaType
+	}
+	return b.MediaType
 }
 
 // Estargz converts an uncompressed tar into an eStargz blob with estargz.Build.
@@ -90,13 +101,18 @@ func (b *Blob) Layer() v1.Layer { return blobLayer{b} }
 // Annotations returns the descriptor annotations of b: the eStargz ones, or
 // none for a plain gzip layer.
 func (b *Blob) Annotations() map[string]string {
-	if b.TOCDigest == "" {
+	if b.TOCDigest == "" && len(b.Extra) == 0 {
 		return nil
 	}
-	return map[string]string{
-		TOCDigestAnnotation:        b.TOCDigest,
-		UncompressedSizeAnnotation: strconv.FormatInt(b.UncompressedSize, 10),
+	a := map[string]string{}
+	if b.TOCDigest != "" {
+		a[TOCDigestAnnotation] = b.TOCDigest
+		a[UncompressedSizeAnnotation] = strconv.FormatInt(b.UncompressedSize, 10)
 	}
+	for k, v := range b.Extra {
+		a[k] = v
+	}
+	return a
 }
 
 type blobLayer struct{ b *Blob }
@@ -105,13 +121,13 @@ func (l blobLayer) Digest() (v1.Hash, error) { return l.b.Digest, nil }
 func (l blobLayer) DiffID() (v1.Hash, error) { return l.b.DiffID, nil }
 func (l blobLayer) Size() (int64, error)     { return int64(len(l.b.Data)), nil }
 func (l blobLayer) MediaType() (types.MediaType, error) {
-	return LayerMediaType, nil
+	return l.b.mediaType(), nil
 }
 func (l blobLayer) Compressed() (io.ReadCloser, error) {
 	return io.NopCloser(bytes.NewReader(l.b.Data)), nil
 }
 func (l blobLayer) Uncompressed() (io.ReadCloser, error) {
-	return gzip.NewReader(bytes.NewReader(l.b.Data))
+	return decompress(l.b.mediaType(), l.b.Data)
 }
 
 // Image assembles an OCI image (manifest and config media types are OCI)
