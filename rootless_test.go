@@ -256,6 +256,26 @@ func TestRootless(t *testing.T) {
 		}
 	})
 
+	t.Run("plain gzip image", func(t *testing.T) {
+		u := u.in(t)
+		plain, err := lt.BuildGzipImage([]lt.Entry{
+			lt.Dir("etc"), lt.FileString("etc/motd", "plain\n"),
+			lt.Dir("root", lt.Mode(0o700)), lt.FileString("root/secret", "s\n", lt.Mode(0o600)),
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		lt.Push(t, plain, host+"/plain:1")
+		u.run(exe, "--daemon", host+"/plain:1", target)
+		if got := u.run("cat", target+"/etc/motd", target+"/root/secret"); got != "plain\ns\n" {
+			t.Errorf("cat as the user: %q", got)
+		}
+		u.run(exe, "umount", target)
+		if mounted(target) || len(leftMounts(u.home)) > 0 {
+			t.Errorf("mounts left: target %v, home %q", mounted(target), leftMounts(u.home))
+		}
+	})
+
 	t.Run("fusermount3 -u from outside stops the server", func(t *testing.T) {
 		u := u.in(t)
 		var stderr bytes.Buffer
