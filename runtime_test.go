@@ -6,6 +6,7 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"encoding/json"
+	"fmt"
 	"io"
 	"os"
 	"os/exec"
@@ -333,4 +334,63 @@ exec "$0" run -b "$1" "$2"`
 			t.Errorf("%s still mounted", target)
 		}
 	})
+}
+
+// TestBundleErrors: a bundle that cannot be made says why in one line and
+// leaves nothing mounted.
+func TestBundleErrors(t *testing.T) {
+	out, err := exec.Command(binary, "bundle", "only-a-ref").CombinedOutput()
+	if err == nil || !strings.Contains(string(out), "want REF DIR") {
+		t.Errorf("bundle with one argument: %v: %s", err, out)
+	}
+
+	needFUSE(t)
+	host := lt.InProcessRegistry(t)
+	b, err := lt.Estargz(lt.Tar(lt.Dir("etc"), lt.FileString("etc/passwd", "root:x:0:0:root:/root:/bin/sh\n")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	tests := []struct {
+		name string
+		cfg  v1.Config
+		want string
+	}{
+		{"no entrypoint or cmd", v1.Config{}, "nothing to run"},
+		{"unknown user", v1.Config{Cmd: []string{"/bin/true"}, User: "ghost"}, `"ghost"`},
+	}
+	for i, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			img, err := lt.ImageWithConfig(tt.cfg, b)
+			if err != nil {
+				t.Fatal(err)
+			}
+			ref := fmt.Sprintf("%s/bad:%d", host, i)
+			lt.Push(t, img, ref)
+			e := newEnv(t)
+			dir := filepath.Join(filepath.Dir(e.target), "bundle")
+			for _, daemon := range []bool{false, true} {
+				args := []string{"bundle", "--cache-dir", e.cache}
+				if daemon {
+					args = append(args, "--daemon")
+				}
+				var stderr bytes.Buffer
+				cmd := exec.Command(binary, append(args, ref, dir)...)
+				cmd.Stderr = &stderr
+				if err := cmd.Run(); err == nil {
+					t.Fatalf("daemon=%v: bundle succeeded", daemon)
+				}
+				msg := strings.TrimSpace(stderr.String())
+				if strings.Contains(msg, "\n") || !strings.Contains(msg, tt.want) {
+					t.Errorf("daemon=%v: error %q, want one line with %q", daemon, msg, tt.want)
+				}
+				if mounted(filepath.Join(dir, "rootfs")) {
+					t.Fatalf("daemon=%v: rootfs left mounted", daemon)
+				}
+				if _, err := os.Stat(filepath.Join(dir, "config.json")); err == nil {
+					t.Errorf("daemon=%v: config.json written", daemon)
+				}
+				e.assertClean()
+			}
+		})
+	}
 }
