@@ -6,6 +6,7 @@ import (
 	"os"
 	"strconv"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/schollz/progressbar/v3"
@@ -27,6 +28,8 @@ func progressWriter(quiet bool) io.Writer {
 		if err != nil {
 			return nil
 		}
+		// Not for fusermount3 or fuse-overlayfs started while mounting.
+		syscall.CloseOnExec(n)
 		f := os.NewFile(uintptr(n), "progress")
 		if f == nil {
 			return nil

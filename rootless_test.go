@@ -256,6 +256,57 @@ func TestRootless(t *testing.T) {
 		}
 	})
 
+	t.Run("plain gzip image", func(t *testing.T) {
+		u := u.in(t)
+		plain, err := lt.BuildGzipImage([]lt.Entry{
+			lt.Dir("etc"), lt.FileString("etc/motd", "plain\n"),
+			lt.Dir("root", lt.Mode(0o700)), lt.FileString("root/secret", "s\n", lt.Mode(0o600)),
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		lt.Push(t, plain, host+"/plain:1")
+		u.run(exe, "--daemon", host+"/plain:1", target)
+		if got := u.run("cat", target+"/etc/motd", target+"/root/secret"); got != "plain\ns\n" {
+			t.Errorf("cat as the user: %q", got)
+		}
+		u.run(exe, "umount", target)
+		if mounted(target) || len(leftMounts(u.home)) > 0 {
+			t.Errorf("mounts left: target %v, home %q", mounted(target), leftMounts(u.home))
+		}
+	})
+
+	t.Run("fusermount3 -u from outside stops the server", func(t *testing.T) {
+		u := u.in(t)
+		var stderr bytes.Buffer
+		cmd := u.command(exe, ref, target)
+		cmd.Stderr = &stderr
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		for i := 0; i < 400 && !mounted(target); i++ {
+			time.Sleep(50 * time.Millisecond)
+		}
+		if !mounted(target) {
+			cmd.Process.Kill()
+			cmd.Wait()
+			t.Fatalf("foreground server did not mount:\n%s", stderr.String())
+		}
+		u.run("fusermount3", "-u", target)
+		done := make(chan error, 1)
+		go func() { done <- cmd.Wait() }()
+		select {
+		case <-done:
+		case <-time.After(30 * time.Second):
+			cmd.Process.Kill()
+			<-done
+			t.Fatalf("server still running after its overlay was unmounted:\n%s", stderr.String())
+		}
+		if mounted(target) || len(leftMounts(u.home)) > 0 {
+			t.Errorf("mounts left: target %v, home %q", mounted(target), leftMounts(u.home))
+		}
+	})
+
 	t.Run("umount after the server was killed", func(t *testing.T) {
 		u := u.in(t)
 		u.run(exe, "--daemon", ref, target)
@@ -352,7 +403,8 @@ func BenchmarkOverlay(b *testing.B) {
 					}
 					return time.Since(start)
 				}
-				timed(exe, "--cache-dir", cache, "--daemon", ref, target)
+				// No background fetch: it would compete with the walk.
+				timed(exe, "--cache-dir", cache, "--background-fetch=false", "--daemon", ref, target)
 				// Directories of mode 0700 stay closed to the user.
 				walk += timed("sh", "-c", `find "$0" -printf '' 2>/dev/null; exit 0`, target)
 				cold += timed("sh", "-c", `cat "$0" >/dev/null`, filepath.Join(target, "big"))

@@ -6,12 +6,14 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"encoding/json"
+	"fmt"
 	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
@@ -157,6 +159,47 @@ func TestRuntimes(t *testing.T) {
 		e.assertClean()
 	})
 
+	t.Run("bundle in the foreground until umount", func(t *testing.T) {
+		e := newEnv(t)
+		dir := filepath.Join(filepath.Dir(e.target), "fg")
+		rootfs := filepath.Join(dir, "rootfs")
+		var stderr bytes.Buffer
+		cmd := exec.Command(binary, "bundle", "--cache-dir", e.cache, ref, dir)
+		cmd.Stderr = &stderr
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() {
+			cmd.Process.Kill()
+			if mounted(rootfs) {
+				exec.Command(binary, "umount", rootfs).Run()
+			}
+		})
+		done := make(chan error, 1)
+		go func() { done <- cmd.Wait() }()
+		for i := 0; i < 600; i++ {
+			if _, err := os.Stat(filepath.Join(dir, "config.json")); err == nil {
+				break
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+		if !mounted(rootfs) {
+			t.Fatalf("no config.json and mount after 30s:\n%s", stderr.String())
+		}
+		if out, err := exec.Command(binary, "umount", rootfs).CombinedOutput(); err != nil {
+			t.Fatalf("umount: %v\n%s", err, out)
+		}
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Errorf("bundle exited with %v\n%s", err, stderr.String())
+			}
+		case <-time.After(30 * time.Second):
+			t.Fatalf("bundle still serving after umount")
+		}
+		e.assertClean()
+	})
+
 	t.Run("runc", func(t *testing.T) {
 		runc := needRuntime(t, "runc")
 		e := newEnv(t)
@@ -291,4 +334,63 @@ exec "$0" run -b "$1" "$2"`
 			t.Errorf("%s still mounted", target)
 		}
 	})
+}
+
+// TestBundleErrors: a bundle that cannot be made says why in one line and
+// leaves nothing mounted.
+func TestBundleErrors(t *testing.T) {
+	out, err := exec.Command(binary, "bundle", "only-a-ref").CombinedOutput()
+	if err == nil || !strings.Contains(string(out), "want REF DIR") {
+		t.Errorf("bundle with one argument: %v: %s", err, out)
+	}
+
+	needFUSE(t)
+	host := lt.InProcessRegistry(t)
+	b, err := lt.Estargz(lt.Tar(lt.Dir("etc"), lt.FileString("etc/passwd", "root:x:0:0:root:/root:/bin/sh\n")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	tests := []struct {
+		name string
+		cfg  v1.Config
+		want string
+	}{
+		{"no entrypoint or cmd", v1.Config{}, "nothing to run"},
+		{"unknown user", v1.Config{Cmd: []string{"/bin/true"}, User: "ghost"}, `"ghost"`},
+	}
+	for i, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			img, err := lt.ImageWithConfig(tt.cfg, b)
+			if err != nil {
+				t.Fatal(err)
+			}
+			ref := fmt.Sprintf("%s/bad:%d", host, i)
+			lt.Push(t, img, ref)
+			e := newEnv(t)
+			dir := filepath.Join(filepath.Dir(e.target), "bundle")
+			for _, daemon := range []bool{false, true} {
+				args := []string{"bundle", "--cache-dir", e.cache}
+				if daemon {
+					args = append(args, "--daemon")
+				}
+				var stderr bytes.Buffer
+				cmd := exec.Command(binary, append(args, ref, dir)...)
+				cmd.Stderr = &stderr
+				if err := cmd.Run(); err == nil {
+					t.Fatalf("daemon=%v: bundle succeeded", daemon)
+				}
+				msg := strings.TrimSpace(stderr.String())
+				if strings.Contains(msg, "\n") || !strings.Contains(msg, tt.want) {
+					t.Errorf("daemon=%v: error %q, want one line with %q", daemon, msg, tt.want)
+				}
+				if mounted(filepath.Join(dir, "rootfs")) {
+					t.Fatalf("daemon=%v: rootfs left mounted", daemon)
+				}
+				if _, err := os.Stat(filepath.Join(dir, "config.json")); err == nil {
+					t.Errorf("daemon=%v: config.json written", daemon)
+				}
+				e.assertClean()
+			}
+		})
+	}
 }

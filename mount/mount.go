@@ -248,6 +248,8 @@ func (m *Mounted) Wait(ctx context.Context) error {
 			return err
 		}
 		return errors.New("a layer was unmounted from outside")
+	case err := <-m.overlayDone():
+		return fmt.Errorf("fuse-overlayfs exited (unmounted from outside?): %v", err)
 	}
 }
 

@@ -169,3 +169,20 @@ func userUnmount(dir string, logger *slog.Logger) error {
 	}
 	return nil
 }
+
+// overlayDone receives fuse-overlayfs's exit; it never receives for a
+// kernel overlay.
+func (m *Mounted) overlayDone() <-chan error {
+	m.mu.Lock()
+	exited := m.overlayExited
+	m.mu.Unlock()
+	done := make(chan error, 1)
+	if exited != nil {
+		go func() {
+			err := <-exited
+			exited <- err // leave it for Close
+			done <- err
+		}()
+	}
+	return done
+}
