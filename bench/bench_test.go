@@ -166,3 +166,23 @@ func TestPerfSection(t *testing.T) {
 		})
 	}
 }
+
+func TestBusy(t *testing.T) {
+	tests := []struct {
+		name string
+		reqs []request
+		want float64
+	}{
+		{"none", nil, 0},
+		{"disjoint", []request{{Start: 0, End: 1}, {Start: 2, End: 3}}, 2},
+		{"overlapping", []request{{Start: 0, End: 2}, {Start: 1, End: 3}}, 3},
+		{"nested, unsorted", []request{{Start: 1, End: 2}, {Start: 0, End: 4}}, 4},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := busy(tc.reqs); got != tc.want {
+				t.Errorf("busy = %v; want %v", got, tc.want)
+			}
+		})
+	}
+}

@@ -336,6 +336,7 @@ func (b *bench) bigRead(ref string, im image, local string) (sample, error) {
 	}
 	reqs := b.tracer.take()
 	s["cold_requests"], s["cold_max_in_flight"] = float64(len(reqs)), float64(maxInFlight(reqs))
+	s["cold_link_busy"] = busy(reqs) / cold // share of the read with a request open
 	s["cold_s"], s["cold_MBps"], s["cold_bytes"] = cold, size/cold/1e6, float64(b.proxy.Stats().Bytes)
 	s["cold_server_cpu_s"] = cpuSeconds(pid) - cpu0
 	page, err := catFile(filepath.Join(mnt, "big.bin"))

@@ -218,8 +218,8 @@ func (r *results) figures() string {
 	row("---", "---:", "---")
 	row("one GET of its blob through the proxy", fmt.Sprintf("%.0f", b["get_MBps"]), "")
 	row("stargz-mount, cold sequential read (cat)", fmt.Sprintf("%.0f", b["cold_MBps"]),
-		fmt.Sprintf("fresh cache dir, fetched %s in %.0f requests (at most %.0f in flight), %.1f s, server CPU %.2f s",
-			mib(b["cold_bytes"]), b["cold_requests"], b["cold_max_in_flight"], b["cold_s"], b["cold_server_cpu_s"]))
+		fmt.Sprintf("fresh cache dir, fetched %s in %.0f requests (at most %.0f in flight, some open %.0f %% of the time), %.1f s, server CPU %.2f s",
+			mib(b["cold_bytes"]), b["cold_requests"], b["cold_max_in_flight"], b["cold_link_busy"]*100, b["cold_s"], b["cold_server_cpu_s"]))
 	row("stargz-mount, re-read after a server restart, page cache dropped", fmt.Sprintf("%.0f", b["warm_disk_MBps"]),
 		fmt.Sprintf("fetched %s again from the registry, server CPU %.2f s", mib(b["warm_disk_net_bytes"]), b["warm_disk_server_cpu_s"]))
 	row("local disk, cat, page cache dropped", fmt.Sprintf("%.0f", b["local_disk_MBps"]), "")

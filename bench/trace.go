@@ -3,6 +3,7 @@ package main
 import (
 	"cmp"
 	"fmt"
+	"math"
 	"net"
 	"net/http"
 	"net/http/httputil"
@@ -138,6 +139,22 @@ func maxInFlight(reqs []request) int {
 		most = max(most, n)
 	}
 	return most
+}
+
+// busy returns the seconds in which at least one request was open: the
+// union of their intervals.
+func busy(reqs []request) float64 {
+	rs := slices.Clone(reqs)
+	slices.SortFunc(rs, func(a, b request) int { return cmp.Compare(a.Start, b.Start) })
+	total, end := 0.0, math.Inf(-1)
+	for _, r := range rs {
+		start := math.Max(r.Start, end)
+		if r.End > start {
+			total += r.End - start
+		}
+		end = math.Max(end, r.End)
+	}
+	return total
 }
 
 // timeline renders requests as a Markdown table, in start order.
