@@ -152,15 +152,17 @@ func TestPerfSection(t *testing.T) {
 		title string
 		n     int
 		want  string
+		only  []string
 	}{
-		{sectionSelf, 10, "# Samples: 10\n 50% a\n 40% b\n 10% c\n"},
-		{sectionSelf, 2, "# Samples: 10\n 50% a\n"},
-		{sectionInclusive, 10, " 90% main\n"},
-		{sectionChains, 10, strings.TrimSpace(rep) + "\n"}, // missing: the whole text
+		{sectionSelf, 10, "# Samples: 10\n 50% a\n 40% b\n 10% c\n", nil},
+		{sectionSelf, 2, "# Samples: 10\n 50% a\n", nil},
+		{sectionInclusive, 10, " 90% main\n", nil},
+		{sectionChains, 10, strings.TrimSpace(rep) + "\n", nil}, // missing: the whole text
+		{sectionSelf, 10, "# Samples: 10\n 40% b\n 10% c\n", []string{"b", "c"}},
 	}
 	for _, tc := range tests {
 		t.Run(tc.title, func(t *testing.T) {
-			if got := perfSection(rep, tc.title, tc.n); got != tc.want {
+			if got := perfSection(rep, tc.title, tc.n, tc.only...); got != tc.want {
 				t.Errorf("perfSection = %q; want %q", got, tc.want)
 			}
 		})

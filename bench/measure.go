@@ -505,8 +505,9 @@ const (
 )
 
 // perfSection returns up to n lines of one section of a perfReport,
-// without perf's # header lines.
-func perfSection(report, title string, n int) string {
+// without perf's # header lines; with only, just the lines holding one of
+// those strings (and the headers).
+func perfSection(report, title string, n int, only ...string) string {
 	_, rest, ok := strings.Cut(report, title+"\n")
 	if !ok {
 		return strings.TrimSpace(report) + "\n" // an error message, or an old report
@@ -516,7 +517,15 @@ func perfSection(report, title string, n int) string {
 		if strings.HasPrefix(l, "=== ") || len(keep) >= n {
 			break
 		}
-		if l != "" && (!strings.HasPrefix(l, "#") || strings.HasPrefix(l, "# Samples") || strings.HasPrefix(l, "# Overhead") || strings.HasPrefix(l, "# Children")) {
+		header := strings.HasPrefix(l, "# Samples") || strings.HasPrefix(l, "# Overhead") || strings.HasPrefix(l, "# Children")
+		if l == "" || strings.HasPrefix(l, "#") && !header {
+			continue
+		}
+		wanted := header || len(only) == 0
+		for _, o := range only {
+			wanted = wanted || strings.Contains(l, o)
+		}
+		if wanted {
 			keep = append(keep, l)
 		}
 	}
