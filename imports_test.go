@@ -16,11 +16,12 @@ import (
 func TestImportDirection(t *testing.T) {
 	const module = "github.com/stargz-mount/stargz-mount"
 	allowed := map[string][]string{
-		".":                   {"fetcher", "lru", "mount", "reader"},
+		".":                   {"fetcher", "lru", "mount", "reader", "stats"},
 		"mount":               {"reader"},
 		"reader":              {},
 		"fetcher":             {},
 		"lru":                 {},
+		"stats":               {},
 		"internal/demo":       {"internal/layertest"},
 		"bench":               {"internal/layertest", "internal/netshape"},
 		"internal/layertest":  {},

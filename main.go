@@ -29,6 +29,7 @@ import (
 	"github.com/stargz-mount/stargz-mount/lru"
 	"github.com/stargz-mount/stargz-mount/mount"
 	"github.com/stargz-mount/stargz-mount/reader"
+	"github.com/stargz-mount/stargz-mount/stats"
 )
 
 // readyFDEnv names the file descriptor a --daemon child reports readiness on.
@@ -45,7 +46,7 @@ func newApp() *cli.App {
 	return &cli.App{
 		Name:      "stargz-mount",
 		Usage:     "mount a container image's root filesystem without pulling it",
-		UsageText: "stargz-mount [options] REF MOUNTPOINT\n   stargz-mount umount MOUNTPOINT\n   stargz-mount inspect [--json] REF\n   stargz-mount cache ls [--json] | du | prune [--all] [--max SIZE]",
+		UsageText: "stargz-mount [options] REF MOUNTPOINT\n   stargz-mount umount MOUNTPOINT\n   stargz-mount stats [--json] MOUNTPOINT\n   stargz-mount inspect [--json] REF\n   stargz-mount cache ls [--json] | du | prune [--all] [--max SIZE]",
 		Description: `Resolves REF in its OCI registry and mounts the image's root filesystem at
 MOUNTPOINT, an existing empty directory. Only each layer's table of contents is
 fetched up front; file data is fetched, verified and cached when it is read.
@@ -62,7 +63,7 @@ Limits on hostile layers: a TOC of at most ` + sizeString(reader.MaxTOCBytes) + 
 			strconv.Itoa(reader.MaxEntries) + ` entries,
 paths at most ` + strconv.Itoa(reader.MaxDepth) + ` directories deep, chunks at most ` + sizeString(reader.MaxChunkSize) + `.`,
 		HideHelpCommand: true,
-		Flags:           append(mountFlags(), commonFlags()...),
+		Flags:           append(append(mountFlags(), fastFlags()...), commonFlags()...),
 		Action:          mountAction,
 		Commands: []*cli.Command{
 			{
@@ -81,6 +82,7 @@ paths at most ` + strconv.Itoa(reader.MaxDepth) + ` directories deep, chunks at 
 				Flags:     append([]cli.Flag{&cli.BoolFlag{Name: "json", Usage: "print JSON instead of a table"}}, commonFlags()...),
 				Action:    inspectAction,
 			},
+			statsCommand(),
 		},
 	}
 }
@@ -195,7 +197,8 @@ func fetchOptions(c *cli.Context, logger *slog.Logger) ([]fetcher.Option, error)
 }
 
 // openLayers opens every layer's TOC, all in parallel.
-func openLayers(ctx context.Context, img *fetcher.Image, cache *reader.Cache, skipVerify bool, logger *slog.Logger) ([]*reader.Layer, error) {
+// Each layer reads through blobs[i]; opened is called as each is opened.
+func openLayers(ctx context.Context, img *fetcher.Image, blobs []*fetcher.Blob, cache *reader.Cache, skipVerify bool, logger *slog.Logger, opened func(), extra ...reader.Option) ([]*reader.Layer, error) {
 	layers := make([]*reader.Layer, len(img.Layers))
 	g, ctx := errgroup.WithContext(ctx)
 	for i, l := range img.Layers {
@@ -203,16 +206,16 @@ func openLayers(ctx context.Context, img *fetcher.Image, cache *reader.Cache, sk
 			return nil, err
 		}
 		g.Go(func() error {
-			opts := []reader.Option{
+			opts := append([]reader.Option{
 				reader.WithName(l.Digest.String()),
 				reader.WithCache(cache),
 				reader.WithInsecureSkipVerify(skipVerify),
 				reader.WithLogger(logger),
-			}
+			}, extra...)
 			if d := l.Annotations[estargz.TOCJSONDigestAnnotation]; d != "" {
 				opts = append(opts, reader.WithTOCDigest(digest.Digest(d)))
 			}
-			rl, err := reader.Open(ctx, img.Blob(l), opts...)
+			rl, err := reader.Open(ctx, blobs[i], opts...)
 			if errors.Is(err, reader.ErrNoTOCDigest) {
 				return fmt.Errorf("layer %d (%s) has no %s annotation, so its contents cannot be verified: rebuild the image as eStargz (e.g. `nerdctl image convert --estargz`), or pass --insecure-skip-verify to mount it unverified",
 					i, l.Digest, estargz.TOCJSONDigestAnnotation)
@@ -224,6 +227,7 @@ func openLayers(ctx context.Context, img *fetcher.Image, cache *reader.Cache, sk
 				return fmt.Errorf("layer %d: %w", i, err)
 			}
 			layers[i] = rl
+			opened()
 			return nil
 		})
 	}
@@ -252,7 +256,7 @@ func mountAction(c *cli.Context) error {
 	}
 	ref, target := a[0], a[1]
 	if c.Bool("daemon") && os.Getenv(readyFDEnv) == "" {
-		return daemonize(target, filepath.Join(c.String("cache-dir"), "stargz-mount.log"))
+		return daemonize(target, filepath.Join(c.String("cache-dir"), "stargz-mount.log"), progressWriter(c.Bool("quiet")))
 	}
 	ready := func(error) {}
 	if fd := os.Getenv(readyFDEnv); fd != "" {
@@ -294,10 +298,29 @@ func serve(c *cli.Context, ref, target string, ready func(error)) error {
 	if store != nil {
 		fopts = append(fopts, fetcher.WithMetadataStore(store))
 	}
+	bandwidth, err := parseSize(c.String("background-bandwidth"))
+	if err != nil {
+		return fmt.Errorf("--background-bandwidth: %w", err)
+	}
+	if a := c.String("metrics-addr"); a != "" {
+		if err := stats.CheckMetricsAddr(a); err != nil {
+			return fmt.Errorf("--metrics-addr: %w", err)
+		}
+	}
+	recordPath := c.String("record")
+	if recordPath != "" {
+		if recordPath, err = filepath.Abs(recordPath); err != nil {
+			return fmt.Errorf("--record: %w", err)
+		}
+	}
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 
+	pw := progressWriter(c.Bool("quiet"))
+	prog := newProgress(pw)
+	defer prog.done()
+	prog.spin("resolving " + ref)
 	img, err := fetcher.Resolve(ctx, ref, fopts...)
 	if err != nil {
 		return err
@@ -317,10 +340,20 @@ func serve(c *cli.Context, ref, target string, ready func(error)) error {
 	}
 	cache := reader.NewCache(memory, copts...)
 	defer cache.Close()
-	layers, err := openLayers(ctx, img, cache, c.Bool("insecure-skip-verify"), logger)
+	blobs := layerBlobs(img)
+	layers, err := openLayers(ctx, img, blobs, cache, c.Bool("insecure-skip-verify"), logger,
+		prog.count("TOCs", len(img.Layers)), reader.WithDemand(reader.NewDemand()))
 	if err != nil {
 		return err
 	}
+	if recordPath != "" {
+		for _, l := range layers {
+			l.Record()
+		}
+	}
+	sess := newSession(ref, img, blobs, layers, prog, logger)
+	defer sess.close("")
+	sess.startPrefetch(c.Bool("prefetch"))
 	m, err := mount.Mount(ctx, layers, target, mount.Options{
 		StateDir: c.String("cache-dir"),
 		Writable: c.Bool("writable"),
@@ -332,10 +365,27 @@ func serve(c *cli.Context, ref, target string, ready func(error)) error {
 	if err != nil {
 		return err
 	}
+	sess.waitPrefetch(c.Duration("prefetch-timeout"))
+	if err := sess.publish(m.Target, c.String("metrics-addr")); err != nil {
+		m.Close()
+		return err
+	}
 	logger.Info("mounted", "ref", ref, "digest", img.Digest, "target", m.Target, "layers", len(layers))
+	if os.Getenv(progressFDEnv) != "" {
+		// The waiting parent's terminal is not ours after ready.
+		prog.done()
+		sess.prog = nil
+		if f, ok := pw.(*os.File); ok {
+			f.Close()
+		}
+	}
 	ready(nil)
+	if c.Bool("background-fetch") {
+		sess.startBackground(bandwidth, memory)
+	}
 
 	werr := m.Wait(ctx)
+	serr := sess.close(recordPath)
 	if err := m.Close(); err != nil {
 		return fmt.Errorf("unmount %s: %w", m.Target, err)
 	}
@@ -343,7 +393,7 @@ func serve(c *cli.Context, ref, target string, ready func(error)) error {
 		return werr
 	}
 	logger.Info("unmounted", "target", m.Target)
-	return nil
+	return serr
 }
 
 // memorySlack is what the process may use beyond --cache-max-memory before
@@ -370,7 +420,8 @@ func openStore(c *cli.Context, logger *slog.Logger) (*lru.Store, error) {
 
 // daemonize starts this command again in the background and waits until it
 // reports the mount ready or failed.
-func daemonize(target, logPath string) error {
+// Progress, if progress is set, is drawn on it until the mount is ready.
+func daemonize(target, logPath string, progress io.Writer) error {
 	if err := os.MkdirAll(filepath.Dir(logPath), 0o700); err != nil {
 		return fmt.Errorf("--cache-dir: %w", err)
 	}
@@ -399,6 +450,10 @@ func daemonize(target, logPath string) error {
 	cmd.Stdout = logFile
 	cmd.Stderr = logFile
 	cmd.ExtraFiles = []*os.File{w}
+	if f, ok := progress.(*os.File); ok {
+		cmd.ExtraFiles = append(cmd.ExtraFiles, f)
+		cmd.Env = append(cmd.Env, progressFDEnv+"=4")
+	}
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
 	if err := cmd.Start(); err != nil {
 		w.Close()
@@ -451,7 +506,14 @@ func umountAction(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
-	return mount.Unmount(a[0], logger)
+	if err := mount.Unmount(a[0], logger); err != nil {
+		return err
+	}
+	// A server that was killed left its stats socket behind.
+	if abs, err := filepath.Abs(a[0]); err == nil {
+		os.Remove(stats.SocketPath(stats.RuntimeDir(), abs))
+	}
+	return nil
 }
 
 // layerInfo is one layer in `inspect` output.
