@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
 	"os"
 	"os/exec"
@@ -187,9 +188,61 @@ func dropCaches() error {
 	return os.WriteFile("/proc/sys/vm/drop_caches", []byte("1"), 0o200)
 }
 
+// supports reports whether the stargz-mount under test has flag.
+func (b *bench) supports(flag string) bool {
+	help, _ := exec.Command(b.bin, "--help").CombinedOutput()
+	return strings.Contains(string(help), flag+" ")
+}
+
+// recordWithTool mounts ref with --record, runs python3 in it, unmounts
+// and returns the files stargz-mount saw read, relative to the root.
+func (b *bench) recordWithTool(ref string) ([]string, error) {
+	if !b.supports("--record") {
+		return nil, fmt.Errorf("this stargz-mount has no --record")
+	}
+	cache, err := os.MkdirTemp(b.work, "c")
+	if err != nil {
+		return nil, err
+	}
+	defer os.RemoveAll(cache)
+	mnt := filepath.Join(b.work, "mnt")
+	os.MkdirAll(mnt, 0o755)
+	defer cleanupMounts(b.bin, mnt)
+	recFile := filepath.Join(b.work, "record.json")
+	if _, err := b.mountDaemon(ref, cache, mnt, "--record", recFile, "--background-fetch=false"); err != nil {
+		return nil, err
+	}
+	if _, err := python(mnt); err != nil {
+		return nil, err
+	}
+	if err := b.umount(mnt); err != nil {
+		return nil, err
+	}
+	raw, err := os.ReadFile(recFile)
+	if err != nil {
+		return nil, fmt.Errorf("--record wrote nothing: %w", err)
+	}
+	var rec struct {
+		Layers []struct {
+			Paths []string `json:"paths"`
+		} `json:"layers"`
+	}
+	if err := json.Unmarshal(raw, &rec); err != nil {
+		return nil, fmt.Errorf("--record file: %w", err)
+	}
+	var files []string
+	for _, l := range rec.Layers {
+		for _, p := range l.Paths {
+			files = append(files, strings.TrimPrefix(p, "/"))
+		}
+	}
+	return files, nil
+}
+
 // mountPython measures one python image from cold: mount ready, python3
-// finished, what went through the proxy, and the server's peak RSS.
-func (b *bench) mountPython(ref string) (sample, error) {
+// finished, what went through the proxy, and the server's peak RSS. The
+// request timeline is kept under name.
+func (b *bench) mountPython(name, ref string, flags ...string) (sample, error) {
 	cache, err := os.MkdirTemp(b.work, "c")
 	if err != nil {
 		return nil, err
@@ -201,7 +254,7 @@ func (b *bench) mountPython(ref string) (sample, error) {
 
 	b.proxy.Reset()
 	b.tracer.reset()
-	ready, err := b.mountDaemon(ref, cache, mnt)
+	ready, err := b.mountDaemon(ref, cache, mnt, flags...)
 	if err != nil {
 		return nil, err
 	}
@@ -215,7 +268,7 @@ func (b *bench) mountPython(ref string) (sample, error) {
 	st := b.proxy.Stats()
 	reqs := b.tracer.take()
 	// The moment the mount was ready, as a marker in the timeline.
-	b.traces[ref] = append(reqs, request{Start: ready, End: ready, What: "(mount ready; python3 starts)"})
+	b.traces[name] = append(reqs, request{Start: ready, End: ready, What: "(mount ready; python3 starts)"})
 	var during []request
 	for _, r := range reqs {
 		if r.Start >= ready {
