@@ -153,6 +153,8 @@ func mainErr() error {
 		// ready; without it, the bytes are what python3 needed.
 		cases = append(cases, kase{"estargz-prio-nobg", func() (sample, error) {
 			return b.mountPython("estargz-prio-nobg", ref("estargz-prio"), "--background-fetch=false")
+		}}, kase{"big-nobg", func() (sample, error) {
+			return b.bigRead(ref("big"), imgs["big"], local, "--background-fetch=false")
 		}})
 	}
 	samples := map[string][]sample{}

@@ -355,7 +355,7 @@ func (b *bench) fullPull(ref string) (sample, error) {
 // sequential read through a fresh mount, a page-cache re-read, and after a
 // server restart and a dropped page cache, a re-read served by whatever
 // the tool keeps on disk; and the same bytes from local disk.
-func (b *bench) bigRead(ref string, im image, local string) (sample, error) {
+func (b *bench) bigRead(ref string, im image, local string, flags ...string) (sample, error) {
 	s := sample{}
 	getS, n, err := blobGet(b.proxy.URL(), im.Repo, im.Blob)
 	if err != nil {
@@ -376,7 +376,7 @@ func (b *bench) bigRead(ref string, im image, local string) (sample, error) {
 	os.MkdirAll(mnt, 0o755)
 	defer cleanupMounts(b.bin, mnt)
 
-	if _, err := b.mountDaemon(ref, cache, mnt); err != nil {
+	if _, err := b.mountDaemon(ref, cache, mnt, flags...); err != nil {
 		return nil, err
 	}
 	b.proxy.Reset()
@@ -403,7 +403,7 @@ func (b *bench) bigRead(ref string, im image, local string) (sample, error) {
 	}
 
 	// Restart: a new server on the same cache dir, page cache dropped.
-	if _, err := b.mountDaemon(ref, cache, mnt); err != nil {
+	if _, err := b.mountDaemon(ref, cache, mnt, flags...); err != nil {
 		return nil, err
 	}
 	if err := dropCaches(); err != nil {
