@@ -3,6 +3,8 @@ package main
 import (
 	"cmp"
 	"fmt"
+	"io"
+	"log"
 	"math"
 	"net"
 	"net/http"
@@ -51,6 +53,9 @@ func newTracer(target string) (*tracer, error) {
 			r.Out.Host = r.In.Host
 		},
 		FlushInterval: -1,
+		// A client giving up on a request (an unmount cancelling
+		// background fetches) is not news.
+		ErrorLog: log.New(io.Discard, "", 0),
 	}
 	t.srv = &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		t.mu.Lock()
