@@ -390,7 +390,7 @@ func (r *results) chart() string {
 	p := m["full-pull"]
 	py = append(py, bar{"full pull + python3", []seg{{p["pull_s"], ready}, {p["python_run_s"], runC}},
 		fmt.Sprintf("%.2f s, %s", p["python_ready_s"], mib(p["bytes"]))})
-	for _, c := range []struct{ key, label string }{{"estargz", "eStargz"}, {"estargz-prio", "eStargz, prioritized"}, {"estargz-prio-nobg", "prioritized, no bg fetch"}} {
+	for _, c := range []struct{ key, label string }{{"gzip", "plain gzip"}, {"estargz", "eStargz"}, {"estargz-prio", "eStargz, prioritized"}, {"estargz-prio-nobg", "prioritized, no bg fetch"}} {
 		s, ok := m[c.key]
 		if !ok {
 			continue
@@ -412,6 +412,9 @@ func (r *results) chart() string {
 		{"local disk, page cache", "local_page_MBps"},
 	} {
 		rd = append(rd, bar{c.label, []seg{{b[c.key], tp}}, fmt.Sprintf("%.0f MB/s", b[c.key])})
+		if nb, ok := m["big-nobg"]; ok && (c.key == "cold_MBps" || c.key == "warm_disk_MBps") {
+			rd = append(rd, bar{"  … no background fetch", []seg{{nb[c.key], "#66aa55"}}, fmt.Sprintf("%.0f MB/s", nb[c.key])})
+		}
 	}
 
 	const W, labelW, barW, rowH = 790, 260, 400, 26
