@@ -223,6 +223,7 @@ func rewriteReport(outDir, mdPath string) error {
 	if err := json.Unmarshal(b, &r); err != nil {
 		return fmt.Errorf("%s/results.json: %w", outDir, err)
 	}
+	r.Targets = targets(&r, r.Settings.Memory)
 	read, _ := os.ReadFile(filepath.Join(outDir, "profile.txt"))
 	mount, _ := os.ReadFile(filepath.Join(outDir, "profile-mount.txt"))
 	return r.write(outDir, mdPath, profiles{Read: string(read), Mount: string(mount)})
