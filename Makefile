@@ -39,5 +39,17 @@ deps:
 	apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fuse3 docker-registry skopeo umoci runc crun podman debootstrap fuse-overlayfs uidmap
 
+# Benchmarks on a shaped link (not part of test): regenerates BENCHMARKS.md
+# and bench/results/. Needs root; takes a few minutes and most of the CPU.
+BENCH_FLAGS ?= --delay 30ms --bandwidth 100MB/s --runs 3
+bench:
+	@missing=; for c in fusermount3 docker-registry debootstrap strace perf; do command -v $$c >/dev/null || missing=1; done; \
+	if [ -n "$$missing" ]; then $(MAKE) bench-deps; fi
+	$(GO) run ./bench $(BENCH_FLAGS) --out bench/results
+
+# Debian packages the benchmark uses on top of deps.
+bench-deps: deps
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap strace linux-perf
+
 clean:
 	rm -rf bin

@@ -111,15 +111,16 @@ func mainErr() error {
 		return err
 	}
 	defer reg.stop()
-	imgs, prio, big, err := buildImages(reg.addr, rootfs, *cacheDir, set.BigSize)
+	bi, err := buildImages(reg.addr, rootfs, *cacheDir, set.BigSize, b.recordWithTool)
 	if err != nil {
 		return err
 	}
+	imgs := bi.imgs
 	local := filepath.Join(work, "big.bin")
-	if err := os.WriteFile(local, big, 0o644); err != nil {
+	if err := os.WriteFile(local, bi.big, 0o644); err != nil {
 		return err
 	}
-	big = nil
+	bi.big = nil
 
 	b.tracer, err = newTracer(reg.addr)
 	if err != nil {
@@ -142,10 +143,19 @@ func mainErr() error {
 	}
 	cases := []kase{
 		{"full-pull", func() (sample, error) { return b.fullPull(ref("gzip")) }},
-		{"gzip", func() (sample, error) { return b.mountPython(ref("gzip")) }},
-		{"estargz", func() (sample, error) { return b.mountPython(ref("estargz")) }},
-		{"estargz-prio", func() (sample, error) { return b.mountPython(ref("estargz-prio")) }},
+		{"gzip", func() (sample, error) { return b.mountPython("gzip", ref("gzip")) }},
+		{"estargz", func() (sample, error) { return b.mountPython("estargz", ref("estargz")) }},
+		{"estargz-prio", func() (sample, error) { return b.mountPython("estargz-prio", ref("estargz-prio")) }},
 		{"big", func() (sample, error) { return b.bigRead(ref("big"), imgs["big"], local) }},
+	}
+	if b.supports("--background-fetch") {
+		// The default fetches the rest of each layer once the mount is
+		// ready; without it, the bytes are what python3 needed.
+		cases = append(cases, kase{"estargz-prio-nobg", func() (sample, error) {
+			return b.mountPython("estargz-prio-nobg", ref("estargz-prio"), "--background-fetch=false")
+		}}, kase{"big-nobg", func() (sample, error) {
+			return b.bigRead(ref("big"), imgs["big"], local, "--background-fetch=false")
+		}})
 	}
 	samples := map[string][]sample{}
 	failures := map[string]string{}
@@ -189,16 +199,12 @@ func mainErr() error {
 		Settings: set,
 		Machine:  mach,
 		Images:   imgs,
-		Prio:     prio,
+		Prio:     bi.prio,
+		PrioBy:   bi.prioBy,
 		Failures: failures,
 		Medians:  map[string]sample{},
 		Samples:  samples,
-		Traces:   map[string][]request{},
-	}
-	for key := range imgs {
-		if tr, ok := b.traces[ref(key)]; ok {
-			res.Traces[key] = tr
-		}
+		Traces:   b.traces,
 	}
 	for name, ss := range samples {
 		res.Medians[name] = medians(ss)
@@ -217,6 +223,7 @@ func rewriteReport(outDir, mdPath string) error {
 	if err := json.Unmarshal(b, &r); err != nil {
 		return fmt.Errorf("%s/results.json: %w", outDir, err)
 	}
+	r.Targets = targets(&r, r.Settings.Memory)
 	read, _ := os.ReadFile(filepath.Join(outDir, "profile.txt"))
 	mount, _ := os.ReadFile(filepath.Join(outDir, "profile-mount.txt"))
 	return r.write(outDir, mdPath, profiles{Read: string(read), Mount: string(mount)})

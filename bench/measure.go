@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
 	"os"
 	"os/exec"
@@ -187,9 +188,61 @@ func dropCaches() error {
 	return os.WriteFile("/proc/sys/vm/drop_caches", []byte("1"), 0o200)
 }
 
+// supports reports whether the stargz-mount under test has flag.
+func (b *bench) supports(flag string) bool {
+	help, _ := exec.Command(b.bin, "--help").CombinedOutput()
+	return strings.Contains(string(help), flag+" ")
+}
+
+// recordWithTool mounts ref with --record, runs python3 in it, unmounts
+// and returns the files stargz-mount saw read, relative to the root.
+func (b *bench) recordWithTool(ref string) ([]string, error) {
+	if !b.supports("--record") {
+		return nil, fmt.Errorf("this stargz-mount has no --record")
+	}
+	cache, err := os.MkdirTemp(b.work, "c")
+	if err != nil {
+		return nil, err
+	}
+	defer os.RemoveAll(cache)
+	mnt := filepath.Join(b.work, "mnt")
+	os.MkdirAll(mnt, 0o755)
+	defer cleanupMounts(b.bin, mnt)
+	recFile := filepath.Join(b.work, "record.json")
+	if _, err := b.mountDaemon(ref, cache, mnt, "--record", recFile, "--background-fetch=false"); err != nil {
+		return nil, err
+	}
+	if _, err := python(mnt); err != nil {
+		return nil, err
+	}
+	if err := b.umount(mnt); err != nil {
+		return nil, err
+	}
+	raw, err := os.ReadFile(recFile)
+	if err != nil {
+		return nil, fmt.Errorf("--record wrote nothing: %w", err)
+	}
+	var rec struct {
+		Layers []struct {
+			Paths []string `json:"paths"`
+		} `json:"layers"`
+	}
+	if err := json.Unmarshal(raw, &rec); err != nil {
+		return nil, fmt.Errorf("--record file: %w", err)
+	}
+	var files []string
+	for _, l := range rec.Layers {
+		for _, p := range l.Paths {
+			files = append(files, strings.TrimPrefix(p, "/"))
+		}
+	}
+	return files, nil
+}
+
 // mountPython measures one python image from cold: mount ready, python3
-// finished, what went through the proxy, and the server's peak RSS.
-func (b *bench) mountPython(ref string) (sample, error) {
+// finished, what went through the proxy, and the server's peak RSS. The
+// request timeline is kept under name.
+func (b *bench) mountPython(name, ref string, flags ...string) (sample, error) {
 	cache, err := os.MkdirTemp(b.work, "c")
 	if err != nil {
 		return nil, err
@@ -201,7 +254,7 @@ func (b *bench) mountPython(ref string) (sample, error) {
 
 	b.proxy.Reset()
 	b.tracer.reset()
-	ready, err := b.mountDaemon(ref, cache, mnt)
+	ready, err := b.mountDaemon(ref, cache, mnt, flags...)
 	if err != nil {
 		return nil, err
 	}
@@ -215,7 +268,7 @@ func (b *bench) mountPython(ref string) (sample, error) {
 	st := b.proxy.Stats()
 	reqs := b.tracer.take()
 	// The moment the mount was ready, as a marker in the timeline.
-	b.traces[ref] = append(reqs, request{Start: ready, End: ready, What: "(mount ready; python3 starts)"})
+	b.traces[name] = append(reqs, request{Start: ready, End: ready, What: "(mount ready; python3 starts)"})
 	var during []request
 	for _, r := range reqs {
 		if r.Start >= ready {
@@ -302,7 +355,7 @@ func (b *bench) fullPull(ref string) (sample, error) {
 // sequential read through a fresh mount, a page-cache re-read, and after a
 // server restart and a dropped page cache, a re-read served by whatever
 // the tool keeps on disk; and the same bytes from local disk.
-func (b *bench) bigRead(ref string, im image, local string) (sample, error) {
+func (b *bench) bigRead(ref string, im image, local string, flags ...string) (sample, error) {
 	s := sample{}
 	getS, n, err := blobGet(b.proxy.URL(), im.Repo, im.Blob)
 	if err != nil {
@@ -323,7 +376,7 @@ func (b *bench) bigRead(ref string, im image, local string) (sample, error) {
 	os.MkdirAll(mnt, 0o755)
 	defer cleanupMounts(b.bin, mnt)
 
-	if _, err := b.mountDaemon(ref, cache, mnt); err != nil {
+	if _, err := b.mountDaemon(ref, cache, mnt, flags...); err != nil {
 		return nil, err
 	}
 	b.proxy.Reset()
@@ -336,6 +389,7 @@ func (b *bench) bigRead(ref string, im image, local string) (sample, error) {
 	}
 	reqs := b.tracer.take()
 	s["cold_requests"], s["cold_max_in_flight"] = float64(len(reqs)), float64(maxInFlight(reqs))
+	s["cold_link_busy"] = busy(reqs) / cold // share of the read with a request open
 	s["cold_s"], s["cold_MBps"], s["cold_bytes"] = cold, size/cold/1e6, float64(b.proxy.Stats().Bytes)
 	s["cold_server_cpu_s"] = cpuSeconds(pid) - cpu0
 	page, err := catFile(filepath.Join(mnt, "big.bin"))
@@ -349,7 +403,7 @@ func (b *bench) bigRead(ref string, im image, local string) (sample, error) {
 	}
 
 	// Restart: a new server on the same cache dir, page cache dropped.
-	if _, err := b.mountDaemon(ref, cache, mnt); err != nil {
+	if _, err := b.mountDaemon(ref, cache, mnt, flags...); err != nil {
 		return nil, err
 	}
 	if err := dropCaches(); err != nil {
@@ -504,8 +558,9 @@ const (
 )
 
 // perfSection returns up to n lines of one section of a perfReport,
-// without perf's # header lines.
-func perfSection(report, title string, n int) string {
+// without perf's # header lines; with only, just the lines holding one of
+// those strings (and the headers).
+func perfSection(report, title string, n int, only ...string) string {
 	_, rest, ok := strings.Cut(report, title+"\n")
 	if !ok {
 		return strings.TrimSpace(report) + "\n" // an error message, or an old report
@@ -515,7 +570,15 @@ func perfSection(report, title string, n int) string {
 		if strings.HasPrefix(l, "=== ") || len(keep) >= n {
 			break
 		}
-		if l != "" && (!strings.HasPrefix(l, "#") || strings.HasPrefix(l, "# Samples") || strings.HasPrefix(l, "# Overhead") || strings.HasPrefix(l, "# Children")) {
+		header := strings.HasPrefix(l, "# Samples") || strings.HasPrefix(l, "# Overhead") || strings.HasPrefix(l, "# Children")
+		if l == "" || strings.HasPrefix(l, "#") && !header {
+			continue
+		}
+		wanted := header || len(only) == 0
+		for _, o := range only {
+			wanted = wanted || strings.Contains(l, o)
+		}
+		if wanted {
 			keep = append(keep, l)
 		}
 	}

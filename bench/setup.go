@@ -360,25 +360,29 @@ func (c blobCache) get(key string, build func() (*lt.Blob, error)) (*lt.Blob, er
 	return b, nil
 }
 
+// built is what buildImages made.
+type built struct {
+	imgs   map[string]image
+	prio   []string // prioritized files of estargz-prio
+	prioBy string   // how they were recorded
+	big    []byte   // the big file's content
+}
+
 // buildImages builds and pushes the python3 rootfs as plain gzip, eStargz
-// and eStargz with prioritized files, and the big-file image. It returns
-// them with the prioritized list and the big file's bytes.
-func buildImages(regAddr, rootfs, cacheDir string, bigSize int64) (map[string]image, []string, []byte, error) {
+// and eStargz with prioritized files, and the big-file image. The files
+// python3 reads come from record (stargz-mount --record on the pushed
+// eStargz image) when it can, else from strace in a chroot of the rootfs.
+func buildImages(regAddr, rootfs, cacheDir string, bigSize int64, record func(ref string) ([]string, error)) (*built, error) {
 	tarBytes, err := tarDir(rootfs)
 	if err != nil {
-		return nil, nil, nil, err
+		return nil, err
 	}
 	tarSum := sha256.Sum256(tarBytes)
 	cache := blobCache{filepath.Join(cacheDir, "blobs")}
-	prio, err := recordReads(rootfs, "python3", "-c", "print(1)")
-	if err != nil {
-		return nil, nil, nil, err
-	}
-	slog.Info("recorded files python3 reads", "files", len(prio))
-	imgs := map[string]image{}
-	add := func(key, repo, format string, build func() (*lt.Blob, error)) error {
+	out := &built{imgs: map[string]image{}}
+	add := func(key, repo, format, extraKey string, build func() (*lt.Blob, error)) error {
 		start := time.Now()
-		b, err := cache.get(fmt.Sprintf("%s %x %q", key, tarSum, prio), build)
+		b, err := cache.get(fmt.Sprintf("%s %x %s", key, tarSum, extraKey), build)
 		if err != nil {
 			return fmt.Errorf("build %s: %w", key, err)
 		}
@@ -387,40 +391,48 @@ func buildImages(regAddr, rootfs, cacheDir string, bigSize int64) (map[string]im
 			return err
 		}
 		slog.Info("pushed", "image", repo, "compressed", im.Compressed, "took", time.Since(start).Round(time.Millisecond))
-		imgs[key] = im
+		out.imgs[key] = im
 		return nil
 	}
-	var missed []string
-	steps := []struct {
-		key, repo, format string
-		build             func() (*lt.Blob, error)
-	}{
-		{"gzip", "python:gzip", "plain gzip", func() (*lt.Blob, error) { return lt.Gzip(tarBytes) }},
-		{"estargz", "python:estargz", "eStargz, no prioritized files", func() (*lt.Blob, error) { return lt.Estargz(tarBytes) }},
-		{"estargz-prio", "python:estargz-prio", "eStargz, prioritized files first (those python3 -c 'print(1)' reads)", func() (*lt.Blob, error) {
-			return lt.Estargz(tarBytes, estargz.WithPrioritizedFiles(prio), estargz.WithAllowPrioritizeNotFound(&missed))
-		}},
+	if err := add("gzip", "python:gzip", "plain gzip", "", func() (*lt.Blob, error) { return lt.Gzip(tarBytes) }); err != nil {
+		return nil, err
 	}
-	for _, s := range steps {
-		if err := add(s.key, s.repo, s.format, s.build); err != nil {
-			return nil, nil, nil, err
+	if err := add("estargz", "python:estargz", "eStargz, no prioritized files", "", func() (*lt.Blob, error) { return lt.Estargz(tarBytes) }); err != nil {
+		return nil, err
+	}
+
+	out.prio, err = record(regAddr + "/python:estargz")
+	out.prioBy = "`stargz-mount --record` of a mount of the plain eStargz image while `chroot MOUNT python3 -c 'print(1)'` ran"
+	if err != nil || len(out.prio) == 0 {
+		slog.Info("no recording from stargz-mount; using strace", "err", err)
+		out.prio, err = recordReads(rootfs, "python3", "-c", "print(1)")
+		if err != nil {
+			return nil, err
 		}
+		out.prioBy = "`strace -f -e trace=file` of `chroot ROOTFS python3 -c 'print(1)'` (opened or executed regular files, symlinks resolved, plus the ELF interpreter)"
+	}
+	slog.Info("recorded files python3 reads", "files", len(out.prio))
+	var missed []string
+	if err := add("estargz-prio", "python:estargz-prio", "eStargz, prioritized files first (those python3 -c 'print(1)' reads)", fmt.Sprintf("%q", out.prio), func() (*lt.Blob, error) {
+		return lt.Estargz(tarBytes, estargz.WithPrioritizedFiles(out.prio), estargz.WithAllowPrioritizeNotFound(&missed))
+	}); err != nil {
+		return nil, err
 	}
 	if len(missed) > 0 {
 		slog.Warn("prioritized files not in the tar", "files", missed)
 	}
-	im := imgs["estargz-prio"]
-	im.Prioritized = len(prio) - len(missed)
-	imgs["estargz-prio"] = im
+	im := out.imgs["estargz-prio"]
+	im.Prioritized = len(out.prio) - len(missed)
+	out.imgs["estargz-prio"] = im
 
-	big := bigFile(bigSize)
-	tarSum = sha256.Sum256(big)
-	if err := add("big", "big:estargz", "eStargz, one random file", func() (*lt.Blob, error) {
-		return lt.Estargz(lt.Tar(lt.File("big.bin", big)))
+	out.big = bigFile(bigSize)
+	tarSum = sha256.Sum256(out.big)
+	if err := add("big", "big:estargz", "eStargz, one random file", "", func() (*lt.Blob, error) {
+		return lt.Estargz(lt.Tar(lt.File("big.bin", out.big)))
 	}); err != nil {
-		return nil, nil, nil, err
+		return nil, err
 	}
-	return imgs, prio, big, nil
+	return out, nil
 }
 
 func run(name string, args ...string) error {

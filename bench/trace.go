@@ -3,6 +3,9 @@ package main
 import (
 	"cmp"
 	"fmt"
+	"io"
+	"log"
+	"math"
 	"net"
 	"net/http"
 	"net/http/httputil"
@@ -50,6 +53,9 @@ func newTracer(target string) (*tracer, error) {
 			r.Out.Host = r.In.Host
 		},
 		FlushInterval: -1,
+		// A client giving up on a request (an unmount cancelling
+		// background fetches) is not news.
+		ErrorLog: log.New(io.Discard, "", 0),
 	}
 	t.srv = &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		t.mu.Lock()
@@ -138,6 +144,22 @@ func maxInFlight(reqs []request) int {
 		most = max(most, n)
 	}
 	return most
+}
+
+// busy returns the seconds in which at least one request was open: the
+// union of their intervals.
+func busy(reqs []request) float64 {
+	rs := slices.Clone(reqs)
+	slices.SortFunc(rs, func(a, b request) int { return cmp.Compare(a.Start, b.Start) })
+	total, end := 0.0, math.Inf(-1)
+	for _, r := range rs {
+		start := math.Max(r.Start, end)
+		if r.End > start {
+			total += r.End - start
+		}
+		end = math.Max(end, r.End)
+	}
+	return total
 }
 
 // timeline renders requests as a Markdown table, in start order.
