@@ -42,14 +42,6 @@ func layerBlobs(img *fetcher.Image) []*fetcher.Blob {
 	return blobs
 }
 
-// blobCounters is what the fetcher counts for one blob.
-type blobCounters struct{ requests, bytes, retries, errors int64 }
-
-func countersOf(b *fetcher.Blob) blobCounters {
-	r, n := b.Stats()
-	return blobCounters{requests: r, bytes: n}
-}
-
 // session is what runs beside a mount: prefetch, background fetch, the
 // stats socket and metrics, the access trace.
 type session struct {
@@ -122,18 +114,17 @@ func (s *session) waitPrefetch(timeout time.Duration) {
 }
 
 // startBackground fetches the rest of every layer once prefetching ended.
-// Fetched chunks live in the memory cache only, so an image whose data
-// does not fit in memory is not fetched: it would only evict what reads
-// need.
-func (s *session) startBackground(bandwidth, memory int64) {
+// An image whose data does not fit in room (the disk cache, or memory
+// without one) is not fetched: it would only evict what reads need.
+func (s *session) startBackground(bandwidth, room int64) {
 	var total, data int64
 	for _, l := range s.layers {
 		st := l.Stats()
 		total += st.TotalBytes
 		data += st.DataBytes
 	}
-	if data > memory {
-		s.logger.Info("no background fetch: the image's data does not fit in --cache-max-memory", "data", data, "memory", memory)
+	if data > room {
+		s.logger.Info("no background fetch: the image's data does not fit in the cache", "data", data, "cache", room)
 		return
 	}
 	s.wg.Add(1)
@@ -171,7 +162,7 @@ func (s *session) Snapshot() stats.Snapshot {
 	snap := stats.Snapshot{Ref: s.ref, Mountpoint: s.target, Layers: make([]stats.Layer, len(s.layers))}
 	for i, l := range s.layers {
 		ls := l.Stats()
-		bc := countersOf(s.blobs[i])
+		bc := s.blobs[i].Stats()
 		snap.Layers[i] = stats.Layer{
 			Digest:           l.Name(),
 			TotalBytes:       ls.TotalBytes,
@@ -181,10 +172,12 @@ func (s *session) Snapshot() stats.Snapshot {
 			ChunksKept:       ls.ChunksKept,
 			MemoryHits:       ls.MemoryHits,
 			MemoryMisses:     ls.MemoryMisses,
-			Requests:         bc.requests,
-			TransferredBytes: bc.bytes,
-			Retries:          bc.retries,
-			Errors:           bc.errors,
+			DiskHits:         ls.DiskHits,
+			DiskMisses:       ls.DiskMisses,
+			Requests:         bc.Requests,
+			TransferredBytes: bc.Bytes,
+			Retries:          bc.Retries,
+			Errors:           bc.Errors,
 			DataRequests:     ls.Requests,
 			PrefetchBytes:    ls.PrefetchBytes,
 			Prefetch:         ls.Prefetch,

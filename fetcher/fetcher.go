@@ -9,11 +9,13 @@ package fetcher
 import (
 	"context"
 	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"log/slog"
 	"net"
 	"net/http"
+	"os"
 	"strings"
 	"time"
 
@@ -33,9 +35,40 @@ type options struct {
 	plainHTTP     bool
 	skipTLSVerify bool
 	keychain      authn.Keychain
+	caFile        string
+	mirrors       []mirror
 	transport     http.RoundTripper
 	logger        *slog.Logger
+	fetchTimeout  time.Duration
+	stallTimeout  time.Duration
+	maxConcurrent int
+	meta          MetadataStore
 }
+
+type mirror struct{ registry, mirror string }
+
+// WithCAFile trusts the PEM certificates in file besides the system roots.
+func WithCAFile(file string) Option { return func(o *options) { o.caFile = file } }
+
+// WithMirror makes references to registry (e.g. "docker.io") resolve
+// through mirror (host[:port]) first, and through the origin if the mirror
+// fails. Mirrors of one registry are tried in the order given. The blobs
+// come from where the manifest came from.
+func WithMirror(registry, host string) Option {
+	return func(o *options) {
+		if reg, err := name.NewRegistry(registry); err == nil {
+			registry = reg.RegistryStr()
+		}
+		o.mirrors = append(o.mirrors, mirror{registry, host})
+	}
+}
+
+// Defaults of the blob read options.
+const (
+	DefaultFetchTimeout         = 30 * time.Second
+	DefaultStallTimeout         = 10 * time.Second
+	DefaultMaxConcurrentFetches = 8
+)
 
 // WithPlatform selects the image for platform p ("os/arch[/variant]") from an
 // index. The default is the host's platform.
@@ -48,8 +81,8 @@ func WithPlainHTTP(b bool) Option { return func(o *options) { o.plainHTTP = b } 
 // WithInsecureSkipTLSVerify accepts any TLS certificate. Off by default.
 func WithInsecureSkipTLSVerify(b bool) Option { return func(o *options) { o.skipTLSVerify = b } }
 
-// WithKeychain sets where credentials come from. The default is the Docker
-// config (authn.DefaultKeychain).
+// WithKeychain sets where credentials come from. The default is
+// Keychain("", ""): podman auth files and the Docker config.
 func WithKeychain(k authn.Keychain) Option { return func(o *options) { o.keychain = k } }
 
 // WithTransport sets the base HTTP transport, under authentication. The
@@ -59,6 +92,19 @@ func WithTransport(t http.RoundTripper) Option { return func(o *options) { o.tra
 // WithLogger sets the logger for retries and the like. The default is
 // slog.Default().
 func WithLogger(l *slog.Logger) Option { return func(o *options) { o.logger = l } }
+
+// WithFetchTimeout bounds one blob read, retries included: past it the
+// read fails with the last cause. Default DefaultFetchTimeout (30s).
+func WithFetchTimeout(d time.Duration) Option { return func(o *options) { o.fetchTimeout = d } }
+
+// WithStallTimeout cancels and retries a request that receives no data for
+// d. Default DefaultStallTimeout (10s), and never more than a third of the
+// fetch timeout.
+func WithStallTimeout(d time.Duration) Option { return func(o *options) { o.stallTimeout = d } }
+
+// WithMaxConcurrentFetches bounds the blob requests in flight to one host.
+// Default DefaultMaxConcurrentFetches (8).
+func WithMaxConcurrentFetches(n int) Option { return func(o *options) { o.maxConcurrent = n } }
 
 // ParsePlatform parses "os/arch[/variant]".
 func ParsePlatform(s string) (*v1.Platform, error) {
@@ -83,10 +129,13 @@ type Image struct {
 	Config   *v1.ConfigFile
 	Layers   []Layer // bottom first
 
-	repo   name.Repository
-	scheme string
-	client *http.Client
-	logger *slog.Logger
+	repo         name.Repository
+	scheme       string
+	client       *http.Client
+	logger       *slog.Logger
+	fetchTimeout time.Duration
+	stallTimeout time.Duration
+	limits       *hostLimits
 }
 
 // Layer describes one layer blob of an image.
@@ -100,9 +149,19 @@ type Layer struct {
 // Resolve parses ref, fetches its manifest (picking the platform from an
 // index) and its config.
 func Resolve(ctx context.Context, ref string, opts ...Option) (*Image, error) {
-	o := options{keychain: authn.DefaultKeychain, logger: slog.Default()}
+	o := options{keychain: Keychain("", ""), logger: slog.Default(), fetchTimeout: DefaultFetchTimeout,
+		stallTimeout: DefaultStallTimeout, maxConcurrent: DefaultMaxConcurrentFetches}
 	for _, opt := range opts {
 		opt(&o)
+	}
+	if o.fetchTimeout <= 0 {
+		o.fetchTimeout = DefaultFetchTimeout
+	}
+	if o.stallTimeout <= 0 || o.stallTimeout > o.fetchTimeout/3 {
+		o.stallTimeout = min(DefaultStallTimeout, o.fetchTimeout/3)
+	}
+	if o.maxConcurrent <= 0 {
+		o.maxConcurrent = DefaultMaxConcurrentFetches
 	}
 	var nopts []name.Option
 	if o.plainHTTP {
@@ -117,11 +176,68 @@ func Resolve(ctx context.Context, ref string, opts ...Option) (*Image, error) {
 	if base == nil {
 		t := http.DefaultTransport.(*http.Transport).Clone()
 		t.MaxIdleConnsPerHost = 32
+		tc := &tls.Config{}
 		if o.skipTLSVerify {
-			t.TLSClientConfig = &tls.Config{InsecureSkipVerify: true} //nolint:gosec // the user asked for it
+			tc.InsecureSkipVerify = true //nolint:gosec // the user asked for it
 		}
+		if o.caFile != "" {
+			pool, err := caPool(o.caFile)
+			if err != nil {
+				return nil, &Error{Op: "load CA file", Ref: o.caFile, Kind: KindOther, Err: err}
+			}
+			tc.RootCAs = pool
+		}
+		t.TLSClientConfig = tc
 		base = t
 	}
+	for _, m := range o.mirrors {
+		if m.registry != r.Context().RegistryStr() {
+			continue
+		}
+		mr, err := onRegistry(r, m.mirror, nopts)
+		if err != nil {
+			return nil, &Error{Op: "parse mirror", Ref: m.mirror, Kind: KindBadReference, Err: err}
+		}
+		im, err := resolve(ctx, mr, base, &o)
+		if err == nil {
+			im.Ref = r
+			o.logger.Debug("resolved through mirror", "ref", r, "mirror", m.mirror)
+			return im, nil
+		}
+		o.logger.Warn("mirror failed; trying the next, then the origin", "ref", r, "mirror", m.mirror, "err", err)
+	}
+	return resolve(ctx, r, base, &o)
+}
+
+// onRegistry is reference r on another registry host.
+func onRegistry(r name.Reference, host string, nopts []name.Option) (name.Reference, error) {
+	reg, err := name.NewRegistry(host, nopts...)
+	if err != nil {
+		return nil, err
+	}
+	repo := reg.Repo(r.Context().RepositoryStr())
+	if d, ok := r.(name.Digest); ok {
+		return repo.Digest(d.DigestStr()), nil
+	}
+	return repo.Tag(r.Identifier()), nil
+}
+
+func caPool(file string) (*x509.CertPool, error) {
+	pem, err := os.ReadFile(file)
+	if err != nil {
+		return nil, err
+	}
+	pool, err := x509.SystemCertPool()
+	if err != nil || pool == nil {
+		pool = x509.NewCertPool()
+	}
+	if !pool.AppendCertsFromPEM(pem) {
+		return nil, fmt.Errorf("%s holds no PEM certificate", file)
+	}
+	return pool, nil
+}
+
+func resolve(ctx context.Context, r name.Reference, base http.RoundTripper, o *options) (*Image, error) {
 	platform := o.platform
 	if platform == nil {
 		platform = &v1.Platform{OS: "linux", Architecture: hostArch()}
@@ -130,6 +246,51 @@ func Resolve(ctx context.Context, ref string, opts ...Option) (*Image, error) {
 		}
 	}
 
+	im := &Image{
+		Ref:    r,
+		repo:   r.Context(),
+		scheme: scheme(r.Context().Registry, o.plainHTTP),
+		logger: o.logger,
+
+		fetchTimeout: o.fetchTimeout,
+		stallTimeout: o.stallTimeout,
+		limits:       &hostLimits{n: o.maxConcurrent},
+	}
+	lazy := &lazyTransport{repo: r.Context(), keychain: o.keychain, base: base}
+	im.client = &http.Client{Transport: lazy}
+
+	// By digest, a cached manifest is as good as the registry's.
+	if _, byDigest := r.(name.Digest); byDigest && o.meta != nil {
+		if res, m, cfg, ok := recall(o.meta, r, platform); ok {
+			o.logger.Debug("resolved from the metadata cache", "ref", r.String(), "digest", res.Digest)
+			return im.fill(res.Digest, m, cfg)
+		}
+	}
+	m, cfg, dgst, err := resolveRemote(ctx, r, platform, o, base)
+	if err != nil {
+		var fe *Error
+		if _, byTag := r.(name.Tag); byTag && o.meta != nil && errors.As(err, &fe) && fe.Kind == KindUnreachable {
+			if res, m, cfg, ok := recall(o.meta, r, platform); ok {
+				o.logger.Warn("registry unreachable: using the digest this tag resolved to before",
+					"ref", r.String(), "digest", res.Digest, "resolved", res.Resolved.Format(time.RFC3339), "err", err)
+				return im.fill(res.Digest, m, cfg)
+			}
+		}
+		return nil, err
+	}
+
+	// Authenticate now, so that a denied pull fails here and not at the
+	// first read.
+	if _, err := lazy.get(ctx); err != nil {
+		return nil, classify("authenticate", r.String(), err)
+	}
+	return im.fill(dgst.String(), m, cfg)
+}
+
+// resolveRemote fetches r's manifest (picking the platform from an index)
+// and config from the registry, and remembers them in o.meta.
+func resolveRemote(ctx context.Context, r name.Reference, platform *v1.Platform, o *options, base http.RoundTripper) (*v1.Manifest, *v1.ConfigFile, v1.Hash, error) {
+	var none v1.Hash
 	ropts := []remote.Option{
 		remote.WithContext(ctx),
 		remote.WithAuthFromKeychain(o.keychain),
@@ -138,51 +299,46 @@ func Resolve(ctx context.Context, ref string, opts ...Option) (*Image, error) {
 	}
 	desc, err := remote.Get(r, ropts...)
 	if err != nil {
-		return nil, classify("fetch manifest", r.String(), err)
+		return nil, nil, none, classify("fetch manifest", r.String(), err)
 	}
 	// For an index, Image picks the manifest of the platform asked for.
 	img, err := desc.Image()
 	if err != nil {
-		return nil, classify(fmt.Sprintf("pick %s", platformString(platform)), r.String(), err)
+		return nil, nil, none, classify(fmt.Sprintf("pick %s", platformString(platform)), r.String(), err)
 	}
 	m, err := img.Manifest()
 	if err != nil {
-		return nil, classify("read manifest", r.String(), err)
+		return nil, nil, none, classify("read manifest", r.String(), err)
 	}
 	dgst, err := img.Digest()
 	if err != nil {
-		return nil, classify("digest manifest", r.String(), err)
+		return nil, nil, none, classify("digest manifest", r.String(), err)
 	}
 	cfg, err := img.ConfigFile()
 	if err != nil {
-		return nil, classify("fetch config", r.String(), err)
+		return nil, nil, none, classify("fetch config", r.String(), err)
 	}
-
 	if o.platform != nil && !desc.MediaType.IsIndex() && !platformMatches(cfg, o.platform) {
-		return nil, &Error{Op: "select platform", Ref: r.String(), Kind: KindNotFound,
+		return nil, nil, none, &Error{Op: "select platform", Ref: r.String(), Kind: KindNotFound,
 			Err: fmt.Errorf("the image is %s/%s, not %s", cfg.OS, cfg.Architecture, platformString(o.platform))}
 	}
+	if o.meta != nil {
+		rawM, err1 := img.RawManifest()
+		rawC, err2 := img.RawConfigFile()
+		if err1 == nil && err2 == nil {
+			remember(o.meta, r, platform, dgst, rawM, rawC, m.Config.Digest)
+		}
+	}
+	return m, cfg, dgst, nil
+}
 
-	auth, err := o.keychain.Resolve(r.Context())
+// fill sets the image's manifest-derived fields.
+func (im *Image) fill(dgst string, m *v1.Manifest, cfg *v1.ConfigFile) (*Image, error) {
+	d, err := v1.NewHash(dgst)
 	if err != nil {
-		return nil, &Error{Op: "resolve credentials", Ref: r.String(), Kind: KindOther, Err: err}
+		return nil, &Error{Op: "digest manifest", Ref: im.Ref.String(), Err: err}
 	}
-	rt, err := transport.NewWithContext(ctx, r.Context().Registry, auth, base,
-		[]string{r.Context().Scope(transport.PullScope)})
-	if err != nil {
-		return nil, classify("authenticate", r.String(), err)
-	}
-
-	im := &Image{
-		Ref:      r,
-		Digest:   dgst,
-		Manifest: m,
-		Config:   cfg,
-		repo:     r.Context(),
-		scheme:   scheme(r.Context().Registry, o.plainHTTP),
-		client:   &http.Client{Transport: rt},
-		logger:   o.logger,
-	}
+	im.Digest, im.Manifest, im.Config = d, m, cfg
 	im.Platform = v1.Platform{OS: cfg.OS, Architecture: cfg.Architecture, Variant: cfg.Variant}
 	for _, l := range m.Layers {
 		im.Layers = append(im.Layers, Layer{
@@ -225,6 +381,7 @@ const (
 	KindUnauthorized      // credentials missing or rejected
 	KindUnreachable       // no connection to the registry
 	KindBadResponse       // the registry answered something we cannot use
+	KindTransient         // a failure that may pass: 429, 5xx, a broken, short, stalled or mislabelled body
 )
 
 // Error is a registry operation that failed.
@@ -233,6 +390,8 @@ type Error struct {
 	Ref  string // the image or blob
 	Kind Kind
 	Err  error
+	// RetryAfter is what a 429 or 503 asked to wait, 0 if nothing.
+	RetryAfter time.Duration
 }
 
 func (e *Error) Error() string {
@@ -241,7 +400,7 @@ func (e *Error) Error() string {
 	case KindNotFound:
 		what = "not found"
 	case KindUnauthorized:
-		what = "access denied (log in with `docker login`, or check the credentials for this registry)"
+		what = "unauthorized: access denied (check --creds, or log in with `docker login` or `podman login`)"
 	case KindUnreachable:
 		what = "registry unreachable"
 	case KindBadReference:
@@ -256,7 +415,7 @@ func (e *Error) Error() string {
 func (e *Error) Unwrap() error { return e.Err }
 
 // Retryable reports whether trying again later may succeed.
-func (e *Error) Retryable() bool { return e.Kind == KindUnreachable || e.Kind == KindOther }
+func (e *Error) Retryable() bool { return e.Kind == KindUnreachable || e.Kind == KindTransient }
 
 // short trims go-containerregistry's verbose errors to their first line.
 func short(err error) string {
@@ -303,9 +462,6 @@ func classify(op, ref string, err error) error {
 	}
 	return e
 }
-
-// retryDelay is the wait before attempt n (0-based) of a blob read.
-func retryDelay(n int) time.Duration { return time.Duration(100<<n) * time.Millisecond }
 
 func platformMatches(cfg *v1.ConfigFile, p *v1.Platform) bool {
 	return cfg.OS == p.OS && cfg.Architecture == p.Architecture && (p.Variant == "" || cfg.Variant == p.Variant)

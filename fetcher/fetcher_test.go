@@ -12,7 +12,9 @@ import (
 	"net/url"
 	"strings"
 	"testing"
+	"time"
 
+	"github.com/google/go-containerregistry/pkg/authn"
 	"github.com/google/go-containerregistry/pkg/name"
 	"github.com/google/go-containerregistry/pkg/registry"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
@@ -168,7 +170,7 @@ func TestBlobReadAt(t *testing.T) {
 				t.Fatal(err)
 			}
 			push(t, img, host+"/blob:1")
-			im, err := Resolve(context.Background(), host+"/blob:1")
+			im, err := Resolve(context.Background(), host+"/blob:1", WithFetchTimeout(time.Second))
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -201,8 +203,8 @@ func TestBlobReadAt(t *testing.T) {
 			if n, err := b.ReadAt(p, int64(len(data))); n != 0 || err != io.EOF {
 				t.Errorf("ReadAt past end = %d, %v; want 0, EOF", n, err)
 			}
-			if req, got := b.Stats(); req < 5 || got < 4+1+4096+10_000+5 {
-				t.Errorf("Stats = %d requests, %d bytes", req, got)
+			if s := b.Stats(); s.Requests < 5 || s.Bytes < 4+1+4096+10_000+5 || s.Retries != 0 || s.Errors != 0 || s.Wait <= 0 {
+				t.Errorf("Stats = %+v", s)
 			}
 		})
 	}
@@ -269,4 +271,8 @@ func TestParsePlatform(t *testing.T) {
 			t.Errorf("ParsePlatform(%q) error = %v, want ok=%v", in, err, ok)
 		}
 	}
+}
+
+func remoteWrite(r name.Reference, img v1.Image, a authn.Authenticator) error {
+	return remote.Write(r, img, remote.WithAuth(a))
 }

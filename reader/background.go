@@ -161,7 +161,7 @@ func (l *Layer) fetchRest(ctx context.Context, o bgOptions, tb *bucket) error {
 	g, gctx := errgroup.WithContext(ctx)
 	g.SetLimit(o.parallel)
 	for i := 0; i < len(units); {
-		if l.isKept(i) {
+		if l.isKept(i) || l.cached(units[i].c) {
 			i++
 			continue
 		}
@@ -170,7 +170,7 @@ func (l *Layer) fetchRest(ctx context.Context, o bgOptions, tb *bucket) error {
 		j := i + 1
 		for ; j < len(units); j++ {
 			c := units[j].c
-			if c.blobOff > end || max(end, c.blobEnd)-start > o.rangeSize || l.isKept(j) {
+			if c.blobOff > end || max(end, c.blobEnd)-start > o.rangeSize || l.isKept(j) || l.cached(c) {
 				break
 			}
 			end = max(end, c.blobEnd)

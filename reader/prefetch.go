@@ -21,6 +21,9 @@ func (l *Layer) Prefetch(ctx context.Context) error {
 		if u.c.blobOff >= l.prefetch {
 			break
 		}
+		if l.isKept(i) || l.cached(u.c) {
+			continue // from the disk cache of an earlier mount
+		}
 		if start < 0 {
 			start = u.c.blobOff
 		}
@@ -28,6 +31,7 @@ func (l *Layer) Prefetch(ctx context.Context) error {
 		todo = append(todo, i)
 	}
 	if len(todo) == 0 {
+		l.acct.prefetch.Store("done")
 		return nil
 	}
 	l.acct.prefetch.Store("running")

@@ -8,9 +8,12 @@ import (
 	"io"
 	"sort"
 	"strconv"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/klauspost/compress/gzip"
+	"golang.org/x/sync/errgroup"
 )
 
 // ErrCorrupt marks data that failed verification: the blob's bytes are not
@@ -29,6 +32,7 @@ func (l *Layer) ReadAt(ctx context.Context, n *Node, p []byte, off int64) (int, 
 	if off >= n.Size {
 		return 0, io.EOF
 	}
+	l.noteRead(n, off, int64(len(p)))
 	l.note(n)
 	i := sort.Search(len(n.chunks), func(i int) bool { return n.chunks[i].off+n.chunks[i].size > off })
 	done := 0
@@ -46,14 +50,62 @@ func (l *Layer) ReadAt(ctx context.Context, n *Node, p []byte, off int64) (int, 
 	return done, nil
 }
 
-// readAhead bounds the compressed bytes one request fetches: on a miss, the
-// chunk asked for and the file's following chunks up to this size come in
-// one Range request, so a sequential reader does not pay a round trip per
-// chunk.
-const readAhead = 4 << 20
+// Fetch planning. On a miss, the chunk asked for and the file's following
+// chunks that are neither cached nor in flight come in one request of at
+// most runBytes compressed bytes. A gap of at most maxGap (chunks already
+// cached or being fetched) is fetched along, being cheaper than a round
+// trip; a larger one starts a new range of the same multi-range request,
+// up to maxRanges.
+const (
+	runBytes  = 4 << 20
+	maxGap    = 64 << 10
+	maxRanges = 8
+)
 
-// fetchTimeout bounds one chunk fetch, retries included.
+// fetchTimeout bounds one chunk fetch, retries included; the blob's own
+// deadline (the fetcher's --fetch-timeout) is usually shorter.
 const fetchTimeout = 2 * time.Minute
+
+// failureMemory is how long a failed fetch answers for its chunks without
+// a new request, so a storm of retried reads does not hammer a registry
+// that is down.
+const failureMemory = 500 * time.Millisecond
+
+// fetchTable is a layer's chunk fetches in flight, recent failures and
+// sequential-read state.
+type fetchTable struct {
+	mu       sync.Mutex          // guards inflight, failed and seq
+	inflight map[string]*call    // by chunk key
+	failed   map[string]failure  // by chunk key
+	seq      map[*Node]*seqState // by file being read
+
+	ahead atomic.Int64 // compressed bytes of read-ahead fetches in flight
+}
+
+// call is one chunk's fetch; done is closed when data or err is set.
+type call struct {
+	done  chan struct{}
+	data  []byte
+	err   error
+	ahead bool // started by read-ahead, not by a read
+}
+
+type failure struct {
+	err   error
+	until time.Time
+}
+
+// plan is one fetch: chunks of one file, read as ranges of the blob.
+type plan struct {
+	n      *Node
+	chunks []int   // indexes into n.chunks, ascending
+	calls  []*call // one per chunk
+	ranges []span  // blob ranges to read, ascending, covering the chunks
+	bytes  int64   // compressed bytes to read
+	ahead  bool
+}
+
+type span struct{ off, end int64 }
 
 func (l *Layer) key(c *chunk) string {
 	return l.name + "@" + strconv.FormatInt(c.blobOff, 10) + "+" + strconv.FormatInt(c.inner, 10)
@@ -63,62 +115,187 @@ func (l *Layer) key(c *chunk) string {
 func (l *Layer) chunk(ctx context.Context, n *Node, i int) ([]byte, error) {
 	c := &n.chunks[i]
 	key := l.key(c)
-	if b, ok := l.cache.get(key); ok && int64(len(b)) == c.size {
-		l.acct.memHits.Add(1)
+	if b, ok := l.lookup(c, key); ok && int64(len(b)) == c.size {
 		return b, nil
 	}
-	l.acct.memMisses.Add(1)
 	defer l.demand.begin()() // background fetching pauses meanwhile
-	v, err, _ := l.flight.Do(key, func() (any, error) {
-		// Other readers may wait on this fetch: one caller giving up (an
-		// interrupted read) must not fail theirs.
-		fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), fetchTimeout)
-		defer cancel()
-		return l.fetchRun(fctx, n, i)
-	})
-	if err != nil {
-		return nil, fmt.Errorf("read %s %s at %d: %w", l.name, n.Path(), c.off, err)
+	for {
+		if b, ok := l.cache.get(key); ok && int64(len(b)) == c.size {
+			return b, nil
+		}
+		t := &l.fetches
+		t.mu.Lock()
+		cl := t.inflight[key]
+		if cl == nil {
+			// Fetches finish by caching, then leaving the table: a
+			// chunk no longer in flight may have just been cached.
+			if b, ok := l.cache.get(key); ok && int64(len(b)) == c.size {
+				t.mu.Unlock()
+				return b, nil
+			}
+			if f, ok := t.failed[key]; ok && time.Now().Before(f.until) {
+				t.mu.Unlock()
+				return nil, fmt.Errorf("read %s %s at %d: %w", l.name, n.Path(), c.off, f.err)
+			}
+			p := l.planLocked(n, i, runBytes, false)
+			cl = p.calls[0]
+			t.mu.Unlock()
+			go l.run(p)
+		} else {
+			t.mu.Unlock()
+		}
+		select {
+		case <-cl.done:
+		case <-ctx.Done():
+			return nil, fmt.Errorf("read %s %s at %d: %w", l.name, n.Path(), c.off, ctx.Err())
+		}
+		if cl.err != nil && cl.ahead && !errors.Is(cl.err, ErrCorrupt) {
+			// A read-ahead that failed (it may have queued too long
+			// behind others) is no verdict on this read: fetch anew.
+			l.fetches.mu.Lock()
+			delete(l.fetches.failed, key)
+			l.fetches.mu.Unlock()
+			continue
+		}
+		if cl.err != nil {
+			return nil, fmt.Errorf("read %s %s at %d: %w", l.name, n.Path(), c.off, cl.err)
+		}
+		return cl.data, nil
 	}
-	return v.([]byte), nil
 }
 
-// fetchRun fetches chunk i and, in the same request, the following chunks
-// of the file that are contiguous in the blob, not cached and within
-// readAhead. It caches every chunk that verifies and returns chunk i's bytes.
-func (l *Layer) fetchRun(ctx context.Context, n *Node, i int) ([]byte, error) {
-	first := &n.chunks[i]
-	last := i
-	for j := i + 1; j < len(n.chunks); j++ {
-		c := &n.chunks[j]
-		if c.blobOff != n.chunks[j-1].blobEnd || c.blobEnd-first.blobOff > readAhead {
-			break
-		}
-		if _, ok := l.cache.get(l.key(c)); ok {
-			break
-		}
-		last = j
+// planLocked plans a fetch starting at chunk i of n and registers its
+// calls as in flight. A read's plan always holds chunk i; a read-ahead's
+// skips leading chunks that are cached or in flight and may be empty. The
+// caller holds l.fetches.mu.
+func (l *Layer) planLocked(n *Node, i int, limit int64, ahead bool) *plan {
+	t := &l.fetches
+	if t.inflight == nil {
+		t.inflight = map[string]*call{}
+		t.failed = map[string]failure{}
 	}
-	comp := make([]byte, n.chunks[last].blobEnd-first.blobOff)
-	if err := readFull(ctx, l.blob, comp, first.blobOff); err != nil {
-		return nil, fmt.Errorf("fetch blob bytes %d-%d: %w", first.blobOff, first.blobOff+int64(len(comp))-1, err)
-	}
-	l.counted(len(comp))
-	var want []byte
-	for j := i; j <= last; j++ {
+	p := &plan{n: n, ahead: ahead}
+	now := time.Now()
+	for j := i; j < len(n.chunks); j++ {
 		c := &n.chunks[j]
-		data, err := decode(c, comp[c.blobOff-first.blobOff:c.blobEnd-first.blobOff])
-		if j == i {
-			if err != nil {
-				return nil, err
+		key := l.key(c)
+		if j > i || ahead {
+			if t.inflight[key] != nil {
+				continue
 			}
-			want = data
-		} else if err != nil {
-			// Read ahead only: the read of that chunk will report it.
-			break
+			if f, ok := t.failed[key]; ok && now.Before(f.until) {
+				continue
+			}
+			if b, ok := l.cache.get(key); ok && int64(len(b)) == c.size {
+				continue
+			}
 		}
-		l.keep(c, data)
+		if k := len(p.ranges); k > 0 {
+			last := &p.ranges[k-1]
+			gap := c.blobOff - last.end
+			switch {
+			case gap <= maxGap:
+				grow := max(c.blobEnd, last.end) - last.end
+				if p.bytes+grow > limit {
+					return p
+				}
+				p.bytes += grow
+				last.end += grow
+			case k < maxRanges && p.bytes+c.blobEnd-c.blobOff <= limit:
+				p.ranges = append(p.ranges, span{c.blobOff, c.blobEnd})
+				p.bytes += c.blobEnd - c.blobOff
+			default:
+				return p
+			}
+		} else {
+			p.ranges = append(p.ranges, span{c.blobOff, c.blobEnd})
+			p.bytes = c.blobEnd - c.blobOff
+		}
+		cl := &call{done: make(chan struct{}), ahead: ahead}
+		t.inflight[key] = cl
+		delete(t.failed, key)
+		p.chunks = append(p.chunks, j)
+		p.calls = append(p.calls, cl)
 	}
-	return want, nil
+	return p
+}
+
+// rangesReader is implemented by blobs that read several ranges in one go
+// (the fetcher's multi-range requests).
+type rangesReader interface {
+	ReadRangesAt(ctx context.Context, offs []int64, bufs [][]byte) error
+}
+
+// run fetches a plan's ranges, decodes and caches its chunks and completes
+// their calls. It does not depend on any reader's context: other readers
+// may be waiting on it.
+func (l *Layer) run(p *plan) {
+	ctx, cancel := context.WithTimeout(context.Background(), fetchTimeout)
+	defer cancel()
+	bufs := make([][]byte, len(p.ranges))
+	offs := make([]int64, len(p.ranges))
+	for k, r := range p.ranges {
+		bufs[k] = make([]byte, r.end-r.off)
+		offs[k] = r.off
+	}
+	var err error
+	switch rr, ok := l.blob.(rangesReader); {
+	case len(p.ranges) == 1:
+		err = readFull(ctx, l.blob, bufs[0], offs[0])
+	case ok:
+		err = rr.ReadRangesAt(ctx, offs, bufs)
+	default:
+		var g errgroup.Group
+		for k := range p.ranges {
+			g.Go(func() error { return readFull(ctx, l.blob, bufs[k], offs[k]) })
+		}
+		err = g.Wait()
+	}
+	if err != nil {
+		first, last := p.ranges[0], p.ranges[len(p.ranges)-1]
+		err = fmt.Errorf("fetch blob bytes %d-%d: %w", first.off, last.end-1, err)
+	} else {
+		l.counted(int(p.bytes))
+	}
+	k := 0
+	for x, j := range p.chunks {
+		c := &p.n.chunks[j]
+		cl := p.calls[x]
+		if err != nil {
+			cl.err = err
+			continue
+		}
+		for p.ranges[k].end < c.blobEnd {
+			k++
+		}
+		r := p.ranges[k]
+		cl.data, cl.err = decode(c, bufs[k][c.blobOff-r.off:c.blobEnd-r.off])
+		if cl.err == nil {
+			l.keep(c, cl.data)
+		}
+	}
+	t := &l.fetches
+	t.mu.Lock()
+	until := time.Now().Add(failureMemory)
+	for x, j := range p.chunks {
+		key := l.key(&p.n.chunks[j])
+		delete(t.inflight, key)
+		if cl := p.calls[x]; cl.err != nil && !cl.ahead {
+			t.failed[key] = failure{err: cl.err, until: until}
+		}
+	}
+	if len(t.failed) > 4096 { // forget expired failures now and then
+		now := time.Now()
+		for key, f := range t.failed {
+			if now.After(f.until) {
+				delete(t.failed, key)
+			}
+		}
+	}
+	t.mu.Unlock()
+	for _, cl := range p.calls {
+		close(cl.done)
+	}
 }
 
 // decode decompresses chunk c from its compressed bytes and verifies it.

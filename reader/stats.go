@@ -21,8 +21,11 @@ type Stats struct {
 	ChunksKept   int
 	Complete     bool
 
-	// MemoryHits and MemoryMisses count chunk lookups in the memory cache.
+	// MemoryHits and MemoryMisses count chunk lookups in the memory cache,
+	// DiskHits and DiskMisses the lookups in the store below it after a
+	// memory miss.
 	MemoryHits, MemoryMisses int64
+	DiskHits, DiskMisses     int64
 	// Requests and Bytes count the data reads the layer made (on-demand,
 	// prefetch and background, not footer and TOC) and their sizes.
 	Requests, Bytes int64
@@ -56,8 +59,9 @@ type accounting struct {
 	kept    int
 	fetched int64
 
-	memHits, memMisses atomic.Int64
-	requests, bytes    atomic.Int64
+	memHits, memMisses   atomic.Int64
+	diskHits, diskMisses atomic.Int64
+	requests, bytes      atomic.Int64
 
 	prefetch   atomic.Value // string
 	background atomic.Value // string
@@ -114,10 +118,54 @@ func (l *Layer) find(c *chunk) int {
 	return i
 }
 
+// lookup is l.cache.get, counting hits and misses of memory and store. A
+// chunk found in the store counts as kept.
+func (l *Layer) lookup(c *chunk, key string) ([]byte, bool) {
+	a := &l.acct
+	if b, ok := l.cache.getMemory(key); ok {
+		a.memHits.Add(1)
+		return b, true
+	}
+	a.memMisses.Add(1)
+	if l.cache.store == nil {
+		return nil, false
+	}
+	b, ok := l.cache.store.Get(storeKey(key))
+	if !ok {
+		a.diskMisses.Add(1)
+		return nil, false
+	}
+	a.diskHits.Add(1)
+	l.cache.setMemory(key, b)
+	l.mark(c)
+	return b, true
+}
+
+// cached reports whether chunk c is in memory or in the store, marking it
+// kept if so, without counting a lookup.
+func (l *Layer) cached(c *chunk) bool {
+	key := l.key(c)
+	if _, ok := l.cache.getMemory(key); !ok {
+		if l.cache.store == nil {
+			return false
+		}
+		if b, ok := l.cache.store.Get(storeKey(key)); !ok || int64(len(b)) != c.size {
+			return false
+		}
+	}
+	l.mark(c)
+	return true
+}
+
 // keep puts a fetched, verified chunk where later reads find it and marks
 // it kept. Every fetch path (on-demand, prefetch, background) ends here.
 func (l *Layer) keep(c *chunk, data []byte) {
 	l.cache.set(l.key(c), data)
+	l.mark(c)
+}
+
+// mark notes that chunk c is kept.
+func (l *Layer) mark(c *chunk) {
 	i := l.find(c)
 	if i < 0 {
 		return
@@ -156,6 +204,8 @@ func (l *Layer) Stats() Stats {
 		Chunks:        len(units),
 		MemoryHits:    a.memHits.Load(),
 		MemoryMisses:  a.memMisses.Load(),
+		DiskHits:      a.diskHits.Load(),
+		DiskMisses:    a.diskMisses.Load(),
 		Requests:      a.requests.Load(),
 		Bytes:         a.bytes.Load(),
 		PrefetchBytes: l.prefetch,
