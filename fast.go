@@ -114,17 +114,17 @@ func (s *session) waitPrefetch(timeout time.Duration) {
 }
 
 // startBackground fetches the rest of every layer once prefetching ended.
-// An image whose data does not fit in room (the disk cache, or memory
-// without one) is not fetched: it would only evict what reads need.
-func (s *session) startBackground(bandwidth, room int64) {
+// capacity is what the caches hold (memory and disk): an image whose data
+// is larger is not fetched, as it would only evict what reads need.
+func (s *session) startBackground(bandwidth, capacity int64) {
 	var total, data int64
 	for _, l := range s.layers {
 		st := l.Stats()
 		total += st.TotalBytes
 		data += st.DataBytes
 	}
-	if data > room {
-		s.logger.Info("no background fetch: the image's data does not fit in the cache", "data", data, "cache", room)
+	if data > capacity {
+		s.logger.Info("no background fetch: the image's data does not fit in the caches (--cache-max-memory, --cache-max-disk)", "data", data, "capacity", capacity)
 		return
 	}
 	s.wg.Add(1)

@@ -115,8 +115,18 @@ func (l *Layer) key(c *chunk) string {
 func (l *Layer) chunk(ctx context.Context, n *Node, i int) ([]byte, error) {
 	c := &n.chunks[i]
 	key := l.key(c)
-	if b, ok := l.lookup(c, key); ok && int64(len(b)) == c.size {
+	if b, ok := l.cache.getMemory(key); ok && int64(len(b)) == c.size {
+		l.acct.memHits.Add(1)
 		return b, nil
+	}
+	l.acct.memMisses.Add(1)
+	if b, ok, looked := l.cache.getStore(key); looked {
+		if ok && int64(len(b)) == c.size {
+			l.acct.diskHits.Add(1)
+			l.mark(c)
+			return b, nil
+		}
+		l.acct.diskMisses.Add(1)
 	}
 	defer l.demand.begin()() // background fetching pauses meanwhile
 	for {
@@ -300,6 +310,9 @@ func (l *Layer) run(p *plan) {
 
 // decode decompresses chunk c from its compressed bytes and verifies it.
 func decode(c *chunk, comp []byte) ([]byte, error) {
+	if c.zstd {
+		return decodeZstd(c, comp)
+	}
 	// Deflate cannot expand data more than 1032 times: a TOC declaring more
 	// is lying, and believing it would allocate for nothing.
 	if c.inner+c.size > int64(len(comp))*1032+1024 {

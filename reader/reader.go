@@ -115,6 +115,7 @@ type Layer struct {
 	demand    *Demand    // on-demand fetches in flight; background work yields to them
 	acct      accounting // stats.go
 	rec       atomic.Pointer[recorder]
+	zstd      bool // chunks are zstd frames (zstd:chunked), not gzip members
 }
 
 // Open reads the footer and TOC of the eStargz blob b and builds its tree.
@@ -308,6 +309,18 @@ func checkTOC(region []byte) error {
 			break
 		}
 	}
+	if err := checkTOCJSON(tr); err != nil {
+		if lr.N <= 0 {
+			return fmt.Errorf("TOC decompresses to more than the limit of %d bytes", MaxTOCJSONBytes)
+		}
+		return err
+	}
+	return nil
+}
+
+// checkTOCJSON checks the TOC JSON read from r for sizes the estargz
+// library trusts when it allocates.
+func checkTOCJSON(r io.Reader) error {
 	var toc struct {
 		Entries []struct {
 			Type      string `json:"type"`
@@ -315,10 +328,7 @@ func checkTOC(region []byte) error {
 			ChunkSize int64  `json:"chunkSize"`
 		} `json:"entries"`
 	}
-	if err := json.NewDecoder(tr).Decode(&toc); err != nil {
-		if lr.N <= 0 {
-			return fmt.Errorf("TOC decompresses to more than the limit of %d bytes", MaxTOCJSONBytes)
-		}
+	if err := json.NewDecoder(r).Decode(&toc); err != nil {
 		return fmt.Errorf("TOC JSON: %w", err)
 	}
 	if len(toc.Entries) > MaxEntries {

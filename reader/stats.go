@@ -21,11 +21,11 @@ type Stats struct {
 	ChunksKept   int
 	Complete     bool
 
-	// MemoryHits and MemoryMisses count chunk lookups in the memory cache,
-	// DiskHits and DiskMisses the lookups in the store below it after a
-	// memory miss.
+	// MemoryHits and MemoryMisses count chunk lookups in the memory cache.
 	MemoryHits, MemoryMisses int64
-	DiskHits, DiskMisses     int64
+	// DiskHits and DiskMisses count lookups in the disk cache, made after
+	// a memory miss when there is one.
+	DiskHits, DiskMisses int64
 	// Requests and Bytes count the data reads the layer made (on-demand,
 	// prefetch and background, not footer and TOC) and their sizes.
 	Requests, Bytes int64
@@ -116,29 +116,6 @@ func (l *Layer) find(c *chunk) int {
 		return -1
 	}
 	return i
-}
-
-// lookup is l.cache.get, counting hits and misses of memory and store. A
-// chunk found in the store counts as kept.
-func (l *Layer) lookup(c *chunk, key string) ([]byte, bool) {
-	a := &l.acct
-	if b, ok := l.cache.getMemory(key); ok {
-		a.memHits.Add(1)
-		return b, true
-	}
-	a.memMisses.Add(1)
-	if l.cache.store == nil {
-		return nil, false
-	}
-	b, ok := l.cache.store.Get(storeKey(key))
-	if !ok {
-		a.diskMisses.Add(1)
-		return nil, false
-	}
-	a.diskHits.Add(1)
-	l.cache.setMemory(key, b)
-	l.mark(c)
-	return b, true
 }
 
 // cached reports whether chunk c is in memory or in the store, marking it
