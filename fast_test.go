@@ -372,7 +372,7 @@ func TestPrefetchTimeout(t *testing.T) {
 	e := newEnv(t)
 	start := time.Now()
 	e.mount(ref, "--background-fetch=false", "--prefetch-timeout", "300ms")
-	if took := time.Since(start); took > 5*time.Second {
+	if took := time.Since(start); took > 30*time.Second {
 		t.Errorf("mount with a stalled prefetch took %v", took)
 	}
 	for _, l := range e.stats().Layers {
