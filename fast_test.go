@@ -372,7 +372,7 @@ func TestPrefetchTimeout(t *testing.T) {
 	e := newEnv(t)
 	start := time.Now()
 	e.mount(ref, "--background-fetch=false", "--prefetch-timeout", "300ms")
-	if took := time.Since(start); took > 5*time.Second {
+	if took := time.Since(start); took > 30*time.Second {
 		t.Errorf("mount with a stalled prefetch took %v", took)
 	}
 	for _, l := range e.stats().Layers {
@@ -405,4 +405,63 @@ func TestStatsNotMounted(t *testing.T) {
 	if err == nil || !strings.Contains(string(out), dir+" is not an image mounted by a running stargz-mount") {
 		t.Errorf("stats on a plain directory: %v\n%s", err, out)
 	}
+}
+
+// waitComplete polls stats until every layer is complete.
+func (e *env) waitComplete(within time.Duration) stats.Snapshot {
+	e.t.Helper()
+	deadline := time.Now().Add(within)
+	for {
+		s := e.stats()
+		if !slices.ContainsFunc(s.Layers, func(l stats.Layer) bool { return !l.Complete }) {
+			return s
+		}
+		if time.Now().After(deadline) {
+			e.t.Fatalf("layers not complete after %v: %+v", within, s.Layers)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// TestCompleteSurvivesRemount fetches an image completely, unmounts it and
+// mounts it again with the registry down: the disk cache has everything,
+// and the layers are complete again without a request.
+func TestCompleteSurvivesRemount(t *testing.T) {
+	needFUSE(t)
+	reg := newCountingRegistry(t)
+	ref, _, _, files := fastImage(t, reg.addr)
+	out, err := exec.Command(binary, "inspect", "--json", ref).Output()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var info struct{ Digest string }
+	if err := json.Unmarshal(out, &info); err != nil || info.Digest == "" {
+		t.Fatalf("inspect: %v\n%s", err, out)
+	}
+	e := newEnv(t)
+	e.mount(ref)
+	e.waitComplete(60 * time.Second)
+	e.umount()
+	e.assertClean()
+
+	// By digest, the manifest comes from the metadata cache too.
+	reg.down.Store(true)
+	e.mount(strings.TrimSuffix(ref, ":1") + "@" + info.Digest)
+	s := e.waitComplete(30 * time.Second)
+	for _, l := range s.Layers {
+		if l.Prefetch != "done" || l.Background != "done" || l.DataRequests != 0 {
+			t.Errorf("remounted layer: %+v", l)
+		}
+	}
+	for n, want := range files {
+		e.read(n, want)
+	}
+	reg.mu.Lock()
+	seen := reg.seen
+	reg.mu.Unlock()
+	if seen != 0 {
+		t.Errorf("%d requests reached the registry for a fully cached image", seen)
+	}
+	e.umount()
+	e.assertClean()
 }

@@ -68,7 +68,7 @@ func TestProgress(t *testing.T) {
 		flags    []string
 		want     []string // in the output; nil: no output at all
 	}{
-		{"terminal", true, nil, []string{"resolving " + ref, "TOCs", "2/2", "prefetch"}},
+		{"terminal", true, nil, []string{"resolving " + ref, "layers", "2/2", "prefetch"}},
 		{"quiet", true, []string{"--quiet"}, nil},
 		{"pipe", false, nil, nil},
 	}
@@ -100,7 +100,13 @@ func TestProgress(t *testing.T) {
 			if err := cmd.Run(); err != nil {
 				t.Fatalf("mount: %v\n%s", err, out)
 			}
-			time.Sleep(200 * time.Millisecond) // let the terminal drain
+			// Let the terminal drain: what was drawn before ready may
+			// still be in the pseudo-terminal's buffer.
+			deadline := time.Now().Add(5 * time.Second)
+			for tt.want != nil && !strings.Contains(out.String(), tt.want[len(tt.want)-1]) && time.Now().Before(deadline) {
+				time.Sleep(20 * time.Millisecond)
+			}
+			time.Sleep(100 * time.Millisecond)
 			got := out.String()
 			if tt.want == nil && strings.TrimSpace(got) != "" {
 				t.Errorf("output %q, want none", got)

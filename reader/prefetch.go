@@ -21,6 +21,9 @@ func (l *Layer) Prefetch(ctx context.Context) error {
 		if u.c.blobOff >= l.prefetch {
 			break
 		}
+		if l.isKept(i) || l.cached(u.c) {
+			continue // from the disk cache of an earlier mount
+		}
 		if start < 0 {
 			start = u.c.blobOff
 		}
@@ -28,32 +31,91 @@ func (l *Layer) Prefetch(ctx context.Context) error {
 		todo = append(todo, i)
 	}
 	if len(todo) == 0 {
+		l.acct.prefetch.Store("done")
 		return nil
 	}
 	l.acct.prefetch.Store("running")
+	// Reads of these chunks meanwhile wait for this fetch rather than
+	// fetching them again.
+	calls := l.claim(units, todo)
 	comp := make([]byte, end-start)
 	if err := readFull(ctx, l.blob, comp, start); err != nil {
+		err = fmt.Errorf("prefetch %s: blob bytes %d-%d: %w", l.name, start, end-1, err)
+		for _, cl := range calls {
+			if cl != nil {
+				cl.err = err
+			}
+		}
+		l.settle(units, todo, calls)
 		l.acct.prefetch.Store("failed")
-		return fmt.Errorf("prefetch %s: blob bytes %d-%d: %w", l.name, start, end-1, err)
+		return err
 	}
 	l.counted(len(comp))
 	bad := 0
-	for _, i := range todo {
-		c := units[i].c
-		if l.isKept(i) || c.blobEnd > end {
+	for x, i := range todo {
+		c, cl := units[i].c, calls[x]
+		if cl == nil || c.blobEnd > end {
+			if cl != nil {
+				cl.err = fmt.Errorf("prefetch %s: chunk at %d outside the prioritized region", l.name, c.blobOff)
+			}
 			continue
 		}
-		data, err := decode(c, comp[c.blobOff-start:c.blobEnd-start])
-		if err != nil {
+		cl.data, cl.err = decode(c, comp[c.blobOff-start:c.blobEnd-start])
+		if cl.err != nil {
 			bad++
-			l.logger.Warn("prefetch: bad chunk", "layer", l.name, "offset", c.blobOff, "err", err)
+			l.logger.Warn("prefetch: bad chunk", "layer", l.name, "offset", c.blobOff, "err", cl.err)
 			continue
 		}
-		l.keep(c, data)
+		l.keep(c, cl.data)
 	}
+	l.settle(units, todo, calls)
 	l.acct.prefetch.Store("done")
 	if bad > 0 {
 		return fmt.Errorf("prefetch %s: %d chunks did not verify", l.name, bad)
 	}
 	return nil
+}
+
+// claim registers a call in the layer's fetch table for each of the units
+// idx that is not in flight already, so reads wait for it. Calls are
+// read-ahead calls: a reader whose call fails for any reason but
+// corruption fetches the chunk itself. The result has nil for chunks
+// someone else is fetching.
+func (l *Layer) claim(units []unit, idx []int) []*call {
+	t := &l.fetches
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.inflight == nil {
+		t.inflight = map[string]*call{}
+		t.failed = map[string]failure{}
+	}
+	calls := make([]*call, len(idx))
+	for x, i := range idx {
+		key := l.key(units[i].c)
+		if t.inflight[key] != nil {
+			continue
+		}
+		cl := &call{done: make(chan struct{}), ahead: true}
+		t.inflight[key] = cl
+		calls[x] = cl
+	}
+	return calls
+}
+
+// settle takes claimed calls, their data or error set, out of the fetch
+// table and wakes their readers.
+func (l *Layer) settle(units []unit, idx []int, calls []*call) {
+	t := &l.fetches
+	t.mu.Lock()
+	for x, i := range idx {
+		if calls[x] != nil {
+			delete(t.inflight, l.key(units[i].c))
+		}
+	}
+	t.mu.Unlock()
+	for _, cl := range calls {
+		if cl != nil {
+			close(cl.done)
+		}
+	}
 }

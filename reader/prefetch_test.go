@@ -261,3 +261,50 @@ func TestRecord(t *testing.T) {
 		t.Errorf("Recorded() = %q, want %q", got, want)
 	}
 }
+
+// stallBlob holds reads of more than 1 MiB until release is closed.
+type stallBlob struct {
+	*memBlob
+	started chan struct{} // receives when a large read starts
+	release chan struct{}
+}
+
+func (s *stallBlob) ReadAt(p []byte, off int64) (int, error) {
+	if len(p) > 1<<20 {
+		s.started <- struct{}{}
+		<-s.release
+	}
+	return s.memBlob.ReadAt(p, off)
+}
+
+// TestReadDuringPrefetch reads a prioritized file while the prefetch
+// request is on the wire: the read waits for it instead of fetching.
+func TestReadDuringPrefetch(t *testing.T) {
+	blob, d, files := prioritized(t, []string{"p0", "p1", "p2", "p3", "p4", "p5", "p6", "p7", "p8", "p9"})
+	sb := &stallBlob{memBlob: blob, started: make(chan struct{}, 1), release: make(chan struct{})}
+	l, err := Open(context.Background(), sb, WithTOCDigest(d), WithTailSize(64<<10))
+	if err != nil {
+		t.Fatal(err)
+	}
+	blob.reads.Store(0)
+	pf := make(chan error, 1)
+	go func() { pf <- l.Prefetch(context.Background()) }()
+	<-sb.started
+	read := make(chan []byte, 1)
+	go func() { read <- readAll(t, l, lookup(t, l, "p3")) }()
+	select {
+	case <-read:
+		t.Fatal("the read did not wait for the prefetch")
+	case <-time.After(100 * time.Millisecond):
+	}
+	close(sb.release)
+	if got := <-read; !bytes.Equal(got, files["p3"]) {
+		t.Error("p3 differs")
+	}
+	if err := <-pf; err != nil {
+		t.Fatal(err)
+	}
+	if r := blob.reads.Load(); r != 1 {
+		t.Errorf("%d requests, want the prefetch's one", r)
+	}
+}

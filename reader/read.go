@@ -123,6 +123,7 @@ func (l *Layer) chunk(ctx context.Context, n *Node, i int) ([]byte, error) {
 	if b, ok, looked := l.cache.getStore(key); looked {
 		if ok && int64(len(b)) == c.size {
 			l.acct.diskHits.Add(1)
+			l.mark(c)
 			return b, nil
 		}
 		l.acct.diskMisses.Add(1)

@@ -118,10 +118,31 @@ func (l *Layer) find(c *chunk) int {
 	return i
 }
 
+// cached reports whether chunk c is in memory or in the store, marking it
+// kept if so, without counting a lookup.
+func (l *Layer) cached(c *chunk) bool {
+	key := l.key(c)
+	if _, ok := l.cache.getMemory(key); !ok {
+		if l.cache.store == nil {
+			return false
+		}
+		if b, ok := l.cache.store.Get(storeKey(key)); !ok || int64(len(b)) != c.size {
+			return false
+		}
+	}
+	l.mark(c)
+	return true
+}
+
 // keep puts a fetched, verified chunk where later reads find it and marks
 // it kept. Every fetch path (on-demand, prefetch, background) ends here.
 func (l *Layer) keep(c *chunk, data []byte) {
 	l.cache.set(l.key(c), data)
+	l.mark(c)
+}
+
+// mark notes that chunk c is kept.
+func (l *Layer) mark(c *chunk) {
 	i := l.find(c)
 	if i < 0 {
 		return

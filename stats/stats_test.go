@@ -114,3 +114,19 @@ func TestWriteMetrics(t *testing.T) {
 		t.Errorf("quote = %s", got)
 	}
 }
+
+func TestWriteTable(t *testing.T) {
+	var b strings.Builder
+	if err := WriteTable(&b, snap); err != nil {
+		t.Fatal(err)
+	}
+	out := b.String()
+	for _, want := range []string{"Mount:  /mnt/a", "sha256:aa", "40 B of 100 B (40.0%)", "running", "Fetched 50 B of 110 B (45.5%)"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("table lacks %q:\n%s", want, out)
+		}
+	}
+	if got := size(3 << 20); got != "3.0 MiB" {
+		t.Errorf("size(3 MiB) = %q", got)
+	}
+}
