@@ -408,3 +408,51 @@ func BenchmarkStore(b *testing.B) {
 		}
 	}
 }
+
+func TestStoreHoldPrune(t *testing.T) {
+	needRoot(t)
+	s := NewStore(t.TempDir())
+	var dgsts []string
+	for i := range 3 {
+		blob := gzipped(t, lt.Tar(lt.File(fmt.Sprint(i), lt.Random(fmt.Sprint(i), 64<<10))))
+		d := digestOf(blob)
+		release, err := s.Hold(d)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := s.Layer(context.Background(), d, func(context.Context) (io.ReadCloser, error) {
+			return io.NopCloser(bytes.NewReader(blob)), nil
+		}, gunzip); err != nil {
+			t.Fatal(err)
+		}
+		if i != 1 {
+			release()
+		} else {
+			t.Cleanup(release)
+		}
+		dgsts = append(dgsts, d)
+		time.Sleep(20 * time.Millisecond) // distinct last-use times
+	}
+	ls, err := s.Layers()
+	if err != nil || len(ls) != 3 {
+		t.Fatalf("Layers = %v, %v", ls, err)
+	}
+	for i, l := range ls {
+		if l.Digest != dgsts[i] || l.InUse != (i == 1) || l.Bytes < 64<<10 {
+			t.Errorf("layer %d = %+v", i, l)
+		}
+	}
+	if _, err := s.Remove(dgsts[1]); !errors.Is(err, ErrBusy) {
+		t.Errorf("Remove of a held layer: %v", err)
+	}
+	// Down to one layer's worth: the oldest unheld goes first, then the
+	// next unheld; the held one stays.
+	freed, err := s.Prune(ls[1].Bytes)
+	if err != nil || freed < 2*(64<<10) {
+		t.Errorf("Prune freed %d, %v", freed, err)
+	}
+	ls, _ = s.Layers()
+	if len(ls) != 1 || ls[0].Digest != dgsts[1] {
+		t.Errorf("after Prune: %+v", ls)
+	}
+}
