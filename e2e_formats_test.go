@@ -549,3 +549,58 @@ func TestPodmanZstdChunked(t *testing.T) {
 	e.umount()
 	e.assertClean()
 }
+
+// TestUnpackedLayersInCache: unpacked layers show in `cache ls`, are held
+// while mounted, go with `cache prune`, and count toward --cache-max-disk.
+func TestUnpackedLayersInCache(t *testing.T) {
+	needFUSE(t)
+	host := lt.InProcessRegistry(t)
+	wantA, entriesA := files(4, 256<<10)
+	wantB, entriesB := files(3, 256<<10)
+	imgA, err := lt.BuildImageAs(0, []lt.Format{lt.FormatGzip}, entriesA)
+	if err != nil {
+		t.Fatal(err)
+	}
+	imgB, err := lt.BuildImageAs(0, []lt.Format{lt.FormatZstd}, entriesB)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lt.Push(t, imgA, host+"/ua:1")
+	lt.Push(t, imgB, host+"/ub:1")
+	a := newEnv(t)
+	b := a.sibling()
+	a.mount(host + "/ua:1")
+	checkFiles(t, a.target, wantA)
+	dA, dB := layerDigests(t, imgA)[0], layerDigests(t, imgB)[0]
+	if g := a.cacheLs()[dA]; g.Kind != "unpacked" || !g.InUse || g.Bytes < 1<<20 {
+		t.Errorf("live unpacked layer: %+v", g)
+	}
+	out, err := exec.Command(binary, "cache", "prune", "--all", "--cache-dir", a.cache).CombinedOutput()
+	if err != nil || !strings.Contains(string(out), dA) {
+		t.Errorf("prune --all does not keep the live layer: %v: %s", err, out)
+	}
+	checkFiles(t, a.target, wantA)
+	a.umount()
+	if g := a.cacheLs()[dA]; g.Kind != "unpacked" || g.InUse {
+		t.Errorf("idle unpacked layer: %+v", g)
+	}
+
+	// A bound that holds one layer: mounting B prunes idle A.
+	b.mount(host+"/ub:1", "--cache-max-disk", "1200KiB")
+	checkFiles(t, b.target, wantB)
+	ls := b.cacheLs()
+	if _, ok := ls[dA]; ok {
+		t.Errorf("idle layer %s kept past the bound", dA)
+	}
+	if g := ls[dB]; !g.InUse {
+		t.Errorf("live layer: %+v", g)
+	}
+	b.umount()
+	if out, err := exec.Command(binary, "cache", "prune", "--all", "--cache-dir", a.cache).CombinedOutput(); err != nil {
+		t.Fatalf("prune --all: %v: %s", err, out)
+	}
+	if n := len(a.storedLayers()); n != 0 {
+		t.Errorf("%d unpacked layers left after prune --all", n)
+	}
+	a.assertClean()
+}

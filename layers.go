@@ -7,6 +7,7 @@ import (
 	"io"
 	"log/slog"
 	"strings"
+	"sync"
 
 	"github.com/containerd/stargz-snapshotter/estargz"
 	"github.com/klauspost/compress/gzip"
@@ -15,6 +16,7 @@ import (
 	"golang.org/x/sync/errgroup"
 
 	"github.com/stargz-mount/stargz-mount/fetcher"
+	"github.com/stargz-mount/stargz-mount/lru"
 	"github.com/stargz-mount/stargz-mount/mount"
 	"github.com/stargz-mount/stargz-mount/reader"
 	"github.com/stargz-mount/stargz-mount/unpack"
@@ -127,6 +129,42 @@ type layerOpener struct {
 	progress   *progress // nil: no progress display
 
 	downloads chan struct{} // bounds concurrent plain-layer downloads; made by open
+
+	mu    sync.Mutex // guards holds
+	holds []func()   // releases the unpacked layers this mount uses
+}
+
+// release lets go of the unpacked layers, for when the mount is gone.
+func (o *layerOpener) release() {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	for _, r := range o.holds {
+		r()
+	}
+	o.holds = nil
+}
+
+// enforceBound prunes unpacked layers no live mount holds, least recently
+// used first, so that they and the chunk store (chunks, nil when off)
+// together use at most bound bytes. bound <= 0 means no bound.
+func (o *layerOpener) enforceBound(chunks *lru.Store, bound int64) {
+	if bound <= 0 {
+		return
+	}
+	var other int64
+	if chunks != nil {
+		other, _ = chunks.Usage()
+	}
+	freed, err := o.store.Prune(max(0, bound-other))
+	if err != nil {
+		o.logger.Warn("pruning unpacked layers", "err", err)
+	}
+	if freed > 0 {
+		o.logger.Info("pruned unpacked layers", "freed", freed)
+	}
+	if used, _ := o.store.Usage(); used+other > bound {
+		o.logger.Warn("unpacked layers of live mounts exceed --cache-max-disk", "unpacked", used, "chunks", other, "max", bound)
+	}
 }
 
 // maxDownloads bounds the plain layers fetched at once, so that whole-blob
@@ -220,6 +258,14 @@ func (o *layerOpener) openEStargz(ctx context.Context, l fetcher.Layer) (*reader
 // unpack returns the store directory of plain layer l, fetching and
 // unpacking it if no earlier mount did.
 func (o *layerOpener) unpack(ctx context.Context, l fetcher.Layer, c compression) (string, error) {
+	// Held before it is looked up, so no prune removes it in between.
+	release, err := o.store.Hold(l.Digest.String())
+	if err != nil {
+		return "", err
+	}
+	o.mu.Lock()
+	o.holds = append(o.holds, release)
+	o.mu.Unlock()
 	open := func(ctx context.Context) (io.ReadCloser, error) {
 		select {
 		case o.downloads <- struct{}{}:

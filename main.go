@@ -285,8 +285,12 @@ func serve(c *cli.Context, ref, target string, ready func(error)) error {
 	}
 	layers, err := opener.open(ctx)
 	opener.progress.finish()
+	defer opener.release()
 	if err != nil {
 		return err
+	}
+	if disk, err := parseSize(c.String("cache-max-disk")); err == nil && store != nil {
+		opener.enforceBound(store, disk)
 	}
 	m, err := mount.MountLowers(ctx, layers, target, mount.Options{
 		StateDir: c.String("cache-dir"),
