@@ -1,10 +1,11 @@
 # stargz-mount: `make demo` shows the tool at work offline, `make test` runs
 # every test (root, FUSE, docker-registry, skopeo and umoci needed for the
-# end-to-end ones; `make deps` installs them on Debian).
+# end-to-end ones; `make deps` installs them on Debian), `make bench`
+# measures it against a full pull on a shaped link (BENCHMARKS.md).
 
 GO ?= go
 
-.PHONY: build demo test deps have-deps clean
+.PHONY: build demo test deps have-deps bench bench-deps clean
 
 build:
 	$(GO) build -o bin/stargz-mount .
@@ -37,6 +38,18 @@ test: have-deps
 deps:
 	apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fuse3 docker-registry skopeo umoci podman
+
+# Benchmarks on a shaped link (not part of test): regenerates BENCHMARKS.md
+# and bench/results/. Needs root; takes a few minutes and most of the CPU.
+BENCH_FLAGS ?= --delay 30ms --bandwidth 100MB/s --runs 3
+bench:
+	@missing=; for c in fusermount3 docker-registry debootstrap strace perf; do command -v $$c >/dev/null || missing=1; done; \
+	if [ -n "$$missing" ]; then $(MAKE) bench-deps; fi
+	$(GO) run ./bench $(BENCH_FLAGS) --out bench/results
+
+# Debian packages the benchmark uses on top of deps.
+bench-deps: deps
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap strace linux-perf
 
 clean:
 	rm -rf bin

@@ -16,13 +16,15 @@ import (
 func TestImportDirection(t *testing.T) {
 	const module = "github.com/stargz-mount/stargz-mount"
 	allowed := map[string][]string{
-		".":                   {"fetcher", "lru", "mount", "reader", "unpack"},
+		".":                   {"fetcher", "lru", "mount", "reader", "stats", "unpack"},
 		"mount":               {"reader"},
 		"reader":              {},
 		"fetcher":             {},
 		"lru":                 {},
 		"unpack":              {},
+		"stats":               {},
 		"internal/demo":       {"internal/layertest"},
+		"bench":               {"internal/layertest", "internal/netshape"},
 		"internal/layertest":  {},
 		"internal/netshape":   {},
 		"internal/faultproxy": {},

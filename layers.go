@@ -6,8 +6,10 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"os"
 	"strings"
 	"sync"
+	"sync/atomic"
 
 	"github.com/containerd/stargz-snapshotter/estargz"
 	"github.com/klauspost/compress/gzip"
@@ -126,7 +128,10 @@ type layerOpener struct {
 	store      *unpack.Store
 	skipVerify bool
 	logger     *slog.Logger
-	progress   *progress // nil: no progress display
+	blobs      []*fetcher.Blob // one per layer, kept for their counters
+	extra      []reader.Option // more options for lazily served layers
+	prog       *progress       // nil: no progress display
+	fetched    atomic.Int64    // bytes of plain layers downloaded so far
 
 	downloads chan struct{} // bounds concurrent plain-layer downloads; made by open
 
@@ -185,6 +190,26 @@ func (o *layerOpener) open(ctx context.Context) ([]mount.Lower, error) {
 	}
 	lowers := make([]mount.Lower, len(o.img.Layers))
 	o.downloads = make(chan struct{}, maxDownloads)
+	// Show the plain layers to download if there are any (they take the
+	// time), else count layers as their TOCs come in.
+	var download int64
+	for i, l := range o.img.Layers {
+		if f := formats[i]; f.estargz || f.zstdChunked || (f.compression == compressionGzip && o.skipVerify) {
+			continue
+		}
+		if p, err := o.store.Path(l.Digest.String()); err == nil {
+			if _, err := os.Stat(p); err == nil {
+				continue
+			}
+		}
+		download += l.Size
+	}
+	opened := func() {}
+	if download > 0 {
+		o.prog.bytes("plain layers", download, o.fetched.Load)
+	} else {
+		opened = o.prog.count("TOCs", len(o.img.Layers))
+	}
 	g, ctx := errgroup.WithContext(ctx)
 	for i, l := range o.img.Layers {
 		f := formats[i]
@@ -194,6 +219,7 @@ func (o *layerOpener) open(ctx context.Context) ([]mount.Lower, error) {
 				return err
 			}
 			lowers[i] = lower
+			opened()
 			return nil
 		})
 	}
@@ -206,7 +232,7 @@ func (o *layerOpener) open(ctx context.Context) ([]mount.Lower, error) {
 func (o *layerOpener) openOne(ctx context.Context, i int, l fetcher.Layer, f layerFormat) (mount.Lower, error) {
 	lazy := f.estargz || (f.compression == compressionGzip && o.skipVerify)
 	if lazy {
-		rl, err := o.openEStargz(ctx, l)
+		rl, err := o.openEStargz(ctx, i, l)
 		switch {
 		case err == nil:
 			return mount.Lower{Layer: rl}, nil
@@ -219,12 +245,9 @@ func (o *layerOpener) openOne(ctx context.Context, i int, l fetcher.Layer, f lay
 		}
 	}
 	if f.zstdChunked {
-		rl, err := reader.OpenZstdChunked(ctx, o.img.Blob(l),
+		rl, err := reader.OpenZstdChunked(ctx, o.blob(i),
 			digest.Digest(annotation(l, zstdChunkedChecksumAnnotations)), annotation(l, zstdChunkedPositionAnnotations),
-			reader.WithName(l.Digest.String()),
-			reader.WithCache(o.cache),
-			reader.WithInsecureSkipVerify(o.skipVerify),
-			reader.WithLogger(o.logger))
+			o.readerOptions(l)...)
 		if err == nil {
 			return mount.Lower{Layer: rl}, nil
 		}
@@ -242,17 +265,29 @@ func (o *layerOpener) openOne(ctx context.Context, i int, l fetcher.Layer, f lay
 	return mount.Lower{Dir: dir}, nil
 }
 
-func (o *layerOpener) openEStargz(ctx context.Context, l fetcher.Layer) (*reader.Layer, error) {
-	opts := []reader.Option{
+func (o *layerOpener) readerOptions(l fetcher.Layer) []reader.Option {
+	return append([]reader.Option{
 		reader.WithName(l.Digest.String()),
 		reader.WithCache(o.cache),
 		reader.WithInsecureSkipVerify(o.skipVerify),
 		reader.WithLogger(o.logger),
+	}, o.extra...)
+}
+
+// blob is layer i's blob reader: the shared one if the caller keeps them.
+func (o *layerOpener) blob(i int) *fetcher.Blob {
+	if o.blobs != nil {
+		return o.blobs[i]
 	}
+	return o.img.Blob(o.img.Layers[i])
+}
+
+func (o *layerOpener) openEStargz(ctx context.Context, i int, l fetcher.Layer) (*reader.Layer, error) {
+	opts := o.readerOptions(l)
 	if d := l.Annotations[estargz.TOCJSONDigestAnnotation]; d != "" {
 		opts = append(opts, reader.WithTOCDigest(digest.Digest(d)))
 	}
-	return reader.Open(ctx, o.img.Blob(l), opts...)
+	return reader.Open(ctx, o.blob(i), opts...)
 }
 
 // unpack returns the store directory of plain layer l, fetching and
@@ -278,7 +313,7 @@ func (o *layerOpener) unpack(ctx context.Context, l fetcher.Layer, c compression
 			<-o.downloads
 			return nil, err
 		}
-		return &releaseCloser{o.progress.track(rc, l), func() { <-o.downloads }}, nil
+		return &releaseCloser{&countingReader{rc, &o.fetched}, func() { <-o.downloads }}, nil
 	}
 	return o.store.Layer(ctx, l.Digest.String(), open, c.decompressor())
 }
@@ -296,4 +331,16 @@ func (r *releaseCloser) Close() error {
 		r.release = nil
 	}
 	return err
+}
+
+// countingReader adds the bytes read to n.
+type countingReader struct {
+	io.ReadCloser
+	n *atomic.Int64
+}
+
+func (c *countingReader) Read(b []byte) (int, error) {
+	k, err := c.ReadCloser.Read(b)
+	c.n.Add(int64(k))
+	return k, err
 }

@@ -30,6 +30,7 @@ import (
 	"github.com/stargz-mount/stargz-mount/lru"
 	"github.com/stargz-mount/stargz-mount/mount"
 	"github.com/stargz-mount/stargz-mount/reader"
+	"github.com/stargz-mount/stargz-mount/stats"
 	"github.com/stargz-mount/stargz-mount/unpack"
 )
 
@@ -47,7 +48,7 @@ func newApp() *cli.App {
 	return &cli.App{
 		Name:      "stargz-mount",
 		Usage:     "mount a container image's root filesystem without pulling it",
-		UsageText: "stargz-mount [options] REF MOUNTPOINT\n   stargz-mount umount MOUNTPOINT\n   stargz-mount inspect [--json] REF\n   stargz-mount cache ls [--json] | du | prune [--all] [--max SIZE]",
+		UsageText: "stargz-mount [options] REF MOUNTPOINT\n   stargz-mount umount MOUNTPOINT\n   stargz-mount stats [--json] MOUNTPOINT\n   stargz-mount inspect [--json] REF\n   stargz-mount cache ls [--json] | du | prune [--all] [--max SIZE]",
 		Description: `Resolves REF in its OCI registry and mounts the image's root filesystem at
 MOUNTPOINT, an existing empty directory. Only each layer's table of contents is
 fetched up front; file data is fetched, verified and cached when it is read.
@@ -65,7 +66,7 @@ Limits on hostile layers: a TOC of at most ` + sizeString(reader.MaxTOCBytes) + 
 			strconv.Itoa(reader.MaxEntries) + ` entries,
 paths at most ` + strconv.Itoa(reader.MaxDepth) + ` directories deep, chunks at most ` + sizeString(reader.MaxChunkSize) + `.`,
 		HideHelpCommand: true,
-		Flags:           append(mountFlags(), commonFlags()...),
+		Flags:           append(append(mountFlags(), fastFlags()...), commonFlags()...),
 		Action:          mountAction,
 		Commands: []*cli.Command{
 			{
@@ -84,6 +85,7 @@ paths at most ` + strconv.Itoa(reader.MaxDepth) + ` directories deep, chunks at 
 				Flags:     append([]cli.Flag{&cli.BoolFlag{Name: "json", Usage: "print JSON instead of a table"}}, commonFlags()...),
 				Action:    inspectAction,
 			},
+			statsCommand(),
 		},
 	}
 }
@@ -208,7 +210,7 @@ func mountAction(c *cli.Context) error {
 	}
 	ref, target := a[0], a[1]
 	if c.Bool("daemon") && os.Getenv(readyFDEnv) == "" {
-		return daemonize(target, filepath.Join(c.String("cache-dir"), "stargz-mount.log"))
+		return daemonize(target, filepath.Join(c.String("cache-dir"), "stargz-mount.log"), progressWriter(c.Bool("quiet")))
 	}
 	ready := func(error) {}
 	if fd := os.Getenv(readyFDEnv); fd != "" {
@@ -250,10 +252,29 @@ func serve(c *cli.Context, ref, target string, ready func(error)) error {
 	if store != nil {
 		fopts = append(fopts, fetcher.WithMetadataStore(store))
 	}
+	bandwidth, err := parseSize(c.String("background-bandwidth"))
+	if err != nil {
+		return fmt.Errorf("--background-bandwidth: %w", err)
+	}
+	if a := c.String("metrics-addr"); a != "" {
+		if err := stats.CheckMetricsAddr(a); err != nil {
+			return fmt.Errorf("--metrics-addr: %w", err)
+		}
+	}
+	recordPath := c.String("record")
+	if recordPath != "" {
+		if recordPath, err = filepath.Abs(recordPath); err != nil {
+			return fmt.Errorf("--record: %w", err)
+		}
+	}
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 
+	pw := progressWriter(c.Bool("quiet"))
+	prog := newProgress(pw)
+	defer prog.done()
+	prog.spin("resolving " + ref)
 	img, err := fetcher.Resolve(ctx, ref, fopts...)
 	if err != nil {
 		return err
@@ -273,18 +294,18 @@ func serve(c *cli.Context, ref, target string, ready func(error)) error {
 	}
 	cache := reader.NewCache(memory, copts...)
 	defer cache.Close()
+	blobs := layerBlobs(img)
 	opener := &layerOpener{
 		img:        img,
+		blobs:      blobs,
 		cache:      cache,
 		store:      unpack.NewStore(c.String("cache-dir")),
 		skipVerify: c.Bool("insecure-skip-verify"),
 		logger:     logger,
+		prog:       prog,
+		extra:      []reader.Option{reader.WithDemand(reader.NewDemand())},
 	}
-	if os.Getenv(readyFDEnv) == "" {
-		opener.progress = newProgress(os.Stderr)
-	}
-	layers, err := opener.open(ctx)
-	opener.progress.finish()
+	lowers, err := opener.open(ctx)
 	defer opener.release()
 	if err != nil {
 		return err
@@ -292,7 +313,25 @@ func serve(c *cli.Context, ref, target string, ready func(error)) error {
 	if disk, err := parseSize(c.String("cache-max-disk")); err == nil && store != nil {
 		opener.enforceBound(store, disk)
 	}
-	m, err := mount.MountLowers(ctx, layers, target, mount.Options{
+	// The session (prefetch, background fetch, stats, record) works on
+	// the lazily served layers; unpacked ones are complete already.
+	var layers []*reader.Layer
+	var lazyBlobs []*fetcher.Blob
+	for i, lw := range lowers {
+		if lw.Layer != nil {
+			layers = append(layers, lw.Layer)
+			lazyBlobs = append(lazyBlobs, blobs[i])
+		}
+	}
+	if recordPath != "" {
+		for _, l := range layers {
+			l.Record()
+		}
+	}
+	sess := newSession(ref, img, lazyBlobs, layers, prog, logger)
+	defer sess.close("")
+	sess.startPrefetch(c.Bool("prefetch"))
+	m, err := mount.MountLowers(ctx, lowers, target, mount.Options{
 		StateDir: c.String("cache-dir"),
 		Writable: c.Bool("writable"),
 		Upper:    c.String("upper"),
@@ -303,10 +342,27 @@ func serve(c *cli.Context, ref, target string, ready func(error)) error {
 	if err != nil {
 		return err
 	}
+	sess.waitPrefetch(c.Duration("prefetch-timeout"))
+	if err := sess.publish(m.Target, c.String("metrics-addr")); err != nil {
+		m.Close()
+		return err
+	}
 	logger.Info("mounted", "ref", ref, "digest", img.Digest, "target", m.Target, "layers", len(layers))
+	if os.Getenv(progressFDEnv) != "" {
+		// The waiting parent's terminal is not ours after ready.
+		prog.done()
+		sess.prog = nil
+		if f, ok := pw.(*os.File); ok {
+			f.Close()
+		}
+	}
 	ready(nil)
+	if c.Bool("background-fetch") {
+		sess.startBackground(bandwidth, memory)
+	}
 
 	werr := m.Wait(ctx)
+	serr := sess.close(recordPath)
 	if err := m.Close(); err != nil {
 		return fmt.Errorf("unmount %s: %w", m.Target, err)
 	}
@@ -314,7 +370,7 @@ func serve(c *cli.Context, ref, target string, ready func(error)) error {
 		return werr
 	}
 	logger.Info("unmounted", "target", m.Target)
-	return nil
+	return serr
 }
 
 // memorySlack is what the process may use beyond --cache-max-memory before
@@ -341,7 +397,8 @@ func openStore(c *cli.Context, logger *slog.Logger) (*lru.Store, error) {
 
 // daemonize starts this command again in the background and waits until it
 // reports the mount ready or failed.
-func daemonize(target, logPath string) error {
+// Progress, if progress is set, is drawn on it until the mount is ready.
+func daemonize(target, logPath string, progress io.Writer) error {
 	if err := os.MkdirAll(filepath.Dir(logPath), 0o700); err != nil {
 		return fmt.Errorf("--cache-dir: %w", err)
 	}
@@ -370,6 +427,10 @@ func daemonize(target, logPath string) error {
 	cmd.Stdout = logFile
 	cmd.Stderr = logFile
 	cmd.ExtraFiles = []*os.File{w}
+	if f, ok := progress.(*os.File); ok {
+		cmd.ExtraFiles = append(cmd.ExtraFiles, f)
+		cmd.Env = append(cmd.Env, progressFDEnv+"=4")
+	}
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
 	if err := cmd.Start(); err != nil {
 		w.Close()
@@ -422,7 +483,14 @@ func umountAction(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
-	return mount.Unmount(a[0], logger)
+	if err := mount.Unmount(a[0], logger); err != nil {
+		return err
+	}
+	// A server that was killed left its stats socket behind.
+	if abs, err := filepath.Abs(a[0]); err == nil {
+		os.Remove(stats.SocketPath(stats.RuntimeDir(), abs))
+	}
+	return nil
 }
 
 // layerInfo is one layer in `inspect` output.

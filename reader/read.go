@@ -33,6 +33,7 @@ func (l *Layer) ReadAt(ctx context.Context, n *Node, p []byte, off int64) (int, 
 		return 0, io.EOF
 	}
 	l.noteRead(n, off, int64(len(p)))
+	l.note(n)
 	i := sort.Search(len(n.chunks), func(i int) bool { return n.chunks[i].off+n.chunks[i].size > off })
 	done := 0
 	for ; i < len(n.chunks) && done < len(p); i++ {
@@ -114,6 +115,12 @@ func (l *Layer) key(c *chunk) string {
 func (l *Layer) chunk(ctx context.Context, n *Node, i int) ([]byte, error) {
 	c := &n.chunks[i]
 	key := l.key(c)
+	if b, ok := l.cache.get(key); ok && int64(len(b)) == c.size {
+		l.acct.memHits.Add(1)
+		return b, nil
+	}
+	l.acct.memMisses.Add(1)
+	defer l.demand.begin()() // background fetching pauses meanwhile
 	for {
 		if b, ok := l.cache.get(key); ok && int64(len(b)) == c.size {
 			return b, nil
@@ -249,6 +256,8 @@ func (l *Layer) run(p *plan) {
 	if err != nil {
 		first, last := p.ranges[0], p.ranges[len(p.ranges)-1]
 		err = fmt.Errorf("fetch blob bytes %d-%d: %w", first.off, last.end-1, err)
+	} else {
+		l.counted(int(p.bytes))
 	}
 	k := 0
 	for x, j := range p.chunks {
@@ -264,7 +273,7 @@ func (l *Layer) run(p *plan) {
 		r := p.ranges[k]
 		cl.data, cl.err = decode(c, bufs[k][c.blobOff-r.off:c.blobEnd-r.off])
 		if cl.err == nil {
-			l.cache.set(l.key(c), cl.data)
+			l.keep(c, cl.data)
 		}
 	}
 	t := &l.fetches

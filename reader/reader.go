@@ -20,6 +20,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"sync/atomic"
 
 	"github.com/containerd/stargz-snapshotter/estargz"
 	"github.com/klauspost/compress/gzip"
@@ -66,6 +67,7 @@ type options struct {
 	tailSize    int64
 	opaqueXattr string
 	logger      *slog.Logger
+	demand      *Demand
 }
 
 // WithName names the layer in errors, logs and cache keys; use its digest.
@@ -110,7 +112,10 @@ type Layer struct {
 	root      *Node
 	nodes     int
 	fetches   fetchTable // chunk fetches in flight, recent failures, read-ahead state
-	zstd      bool       // chunks are zstd frames (zstd:chunked), not gzip members
+	demand    *Demand    // on-demand fetches in flight; background work yields to them
+	acct      accounting // stats.go
+	rec       atomic.Pointer[recorder]
+	zstd      bool // chunks are zstd frames (zstd:chunked), not gzip members
 }
 
 // Open reads the footer and TOC of the eStargz blob b and builds its tree.
@@ -123,6 +128,9 @@ func Open(ctx context.Context, b Blob, opts ...Option) (*Layer, error) {
 	}
 	if o.cache == nil {
 		o.cache = NewCache(64 << 20)
+	}
+	if o.demand == nil {
+		o.demand = NewDemand()
 	}
 	size := b.Size()
 	if size < estargz.FooterSize {
@@ -191,6 +199,7 @@ func openTail(ctx context.Context, b Blob, o *options, tb *tailBlob) (*Layer, []
 		logger:    o.logger,
 		tocDigest: er.TOCDigest(),
 		tocOffset: tocOffset,
+		demand:    o.demand,
 	}
 	if err := l.build(er, o.opaqueXattr, !o.skipVerify); err != nil {
 		return nil, nil, fmt.Errorf("open %s: %w", o.name, err)

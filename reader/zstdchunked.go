@@ -43,6 +43,9 @@ func OpenZstdChunked(ctx context.Context, b Blob, checksum digest.Digest, positi
 	if o.logger == nil {
 		o.logger = slog.Default()
 	}
+	if o.demand == nil {
+		o.demand = NewDemand()
+	}
 	fail := func(format string, a ...any) (*Layer, error) {
 		return nil, fmt.Errorf("open %s: zstd:chunked: "+format, append([]any{o.name}, a...)...)
 	}
@@ -100,6 +103,7 @@ func OpenZstdChunked(ctx context.Context, b Blob, checksum digest.Digest, positi
 		logger:    o.logger,
 		tocDigest: tocDigest,
 		tocOffset: off - 8, // the skippable frame's header
+		demand:    o.demand,
 		zstd:      true,
 	}
 	if err := l.build(er, o.opaqueXattr, !o.skipVerify); err != nil {
