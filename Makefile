@@ -18,7 +18,7 @@ demo:
 
 # Installs the Debian packages the tests use if any is missing and we are root.
 have-deps:
-	@missing=; for c in fusermount3 docker-registry skopeo umoci podman; do command -v $$c >/dev/null || missing=1; done; \
+	@missing=; for c in fusermount3 docker-registry skopeo umoci runc crun podman debootstrap fuse-overlayfs newuidmap; do command -v $$c >/dev/null || missing=1; done; \
 	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then $(MAKE) deps; fi
 
 # The test command CI runs. The root package's end-to-end tests drive the
@@ -37,19 +37,7 @@ test: have-deps
 # Debian packages the tests use.
 deps:
 	apt-get update -qq
-	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fuse3 docker-registry skopeo umoci podman
-
-# Benchmarks on a shaped link (not part of test): regenerates BENCHMARKS.md
-# and bench/results/. Needs root; takes a few minutes and most of the CPU.
-BENCH_FLAGS ?= --delay 30ms --bandwidth 100MB/s --runs 3
-bench:
-	@missing=; for c in fusermount3 docker-registry debootstrap strace perf; do command -v $$c >/dev/null || missing=1; done; \
-	if [ -n "$$missing" ]; then $(MAKE) bench-deps; fi
-	$(GO) run ./bench $(BENCH_FLAGS) --out bench/results
-
-# Debian packages the benchmark uses on top of deps.
-bench-deps: deps
-	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap strace linux-perf
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fuse3 docker-registry skopeo umoci runc crun podman debootstrap fuse-overlayfs uidmap
 
 clean:
 	rm -rf bin

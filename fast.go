@@ -114,18 +114,17 @@ func (s *session) waitPrefetch(timeout time.Duration) {
 }
 
 // startBackground fetches the rest of every layer once prefetching ended.
-// Fetched chunks live in the memory cache only, so an image whose data
-// does not fit in memory is not fetched: it would only evict what reads
-// need.
-func (s *session) startBackground(bandwidth, memory int64) {
+// capacity is what the caches hold (memory and disk): an image whose data
+// is larger is not fetched, as it would only evict what reads need.
+func (s *session) startBackground(bandwidth, capacity int64) {
 	var total, data int64
 	for _, l := range s.layers {
 		st := l.Stats()
 		total += st.TotalBytes
 		data += st.DataBytes
 	}
-	if data > memory {
-		s.logger.Info("no background fetch: the image's data does not fit in --cache-max-memory", "data", data, "memory", memory)
+	if data > capacity {
+		s.logger.Info("no background fetch: the image's data does not fit in the caches (--cache-max-memory, --cache-max-disk)", "data", data, "capacity", capacity)
 		return
 	}
 	s.wg.Add(1)

@@ -124,14 +124,16 @@ func formatOf(i int, l fetcher.Layer) (layerFormat, error) {
 // layerOpener opens the layers of one image for mounting.
 type layerOpener struct {
 	img        *fetcher.Image
+	blobs      []*fetcher.Blob // one per layer, kept for their counters
 	cache      *reader.Cache
 	store      *unpack.Store
 	skipVerify bool
 	logger     *slog.Logger
-	blobs      []*fetcher.Blob // one per layer, kept for their counters
-	extra      []reader.Option // more options for lazily served layers
-	prog       *progress       // nil: no progress display
-	fetched    atomic.Int64    // bytes of plain layers downloaded so far
+	opened     func()          // called as each layer is ready
+	extra      []reader.Option // for every lazily served layer
+
+	prog    *progress    // shows plain-layer downloads; nil: none
+	fetched atomic.Int64 // bytes of plain layers downloaded so far
 
 	downloads chan struct{} // bounds concurrent plain-layer downloads; made by open
 
@@ -190,8 +192,7 @@ func (o *layerOpener) open(ctx context.Context) ([]mount.Lower, error) {
 	}
 	lowers := make([]mount.Lower, len(o.img.Layers))
 	o.downloads = make(chan struct{}, maxDownloads)
-	// Show the plain layers to download if there are any (they take the
-	// time), else count layers as their TOCs come in.
+	// A bar for the plain layers to download, if any: they take the time.
 	var download int64
 	for i, l := range o.img.Layers {
 		if f := formats[i]; f.estargz || f.zstdChunked || (f.compression == compressionGzip && o.skipVerify) {
@@ -204,11 +205,8 @@ func (o *layerOpener) open(ctx context.Context) ([]mount.Lower, error) {
 		}
 		download += l.Size
 	}
-	opened := func() {}
 	if download > 0 {
 		o.prog.bytes("plain layers", download, o.fetched.Load)
-	} else {
-		opened = o.prog.count("TOCs", len(o.img.Layers))
 	}
 	g, ctx := errgroup.WithContext(ctx)
 	for i, l := range o.img.Layers {
@@ -219,7 +217,7 @@ func (o *layerOpener) open(ctx context.Context) ([]mount.Lower, error) {
 				return err
 			}
 			lowers[i] = lower
-			opened()
+			o.opened()
 			return nil
 		})
 	}
@@ -245,7 +243,7 @@ func (o *layerOpener) openOne(ctx context.Context, i int, l fetcher.Layer, f lay
 		}
 	}
 	if f.zstdChunked {
-		rl, err := reader.OpenZstdChunked(ctx, o.blob(i),
+		rl, err := reader.OpenZstdChunked(ctx, o.blobs[i],
 			digest.Digest(annotation(l, zstdChunkedChecksumAnnotations)), annotation(l, zstdChunkedPositionAnnotations),
 			o.readerOptions(l)...)
 		if err == nil {
@@ -274,20 +272,12 @@ func (o *layerOpener) readerOptions(l fetcher.Layer) []reader.Option {
 	}, o.extra...)
 }
 
-// blob is layer i's blob reader: the shared one if the caller keeps them.
-func (o *layerOpener) blob(i int) *fetcher.Blob {
-	if o.blobs != nil {
-		return o.blobs[i]
-	}
-	return o.img.Blob(o.img.Layers[i])
-}
-
 func (o *layerOpener) openEStargz(ctx context.Context, i int, l fetcher.Layer) (*reader.Layer, error) {
 	opts := o.readerOptions(l)
 	if d := l.Annotations[estargz.TOCJSONDigestAnnotation]; d != "" {
 		opts = append(opts, reader.WithTOCDigest(digest.Digest(d)))
 	}
-	return reader.Open(ctx, o.blob(i), opts...)
+	return reader.Open(ctx, o.blobs[i], opts...)
 }
 
 // unpack returns the store directory of plain layer l, fetching and

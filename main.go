@@ -26,6 +26,7 @@ import (
 	"github.com/urfave/cli/v2"
 	"golang.org/x/sync/errgroup"
 
+	"github.com/stargz-mount/stargz-mount/bundle"
 	"github.com/stargz-mount/stargz-mount/fetcher"
 	"github.com/stargz-mount/stargz-mount/lru"
 	"github.com/stargz-mount/stargz-mount/mount"
@@ -48,7 +49,7 @@ func newApp() *cli.App {
 	return &cli.App{
 		Name:      "stargz-mount",
 		Usage:     "mount a container image's root filesystem without pulling it",
-		UsageText: "stargz-mount [options] REF MOUNTPOINT\n   stargz-mount umount MOUNTPOINT\n   stargz-mount stats [--json] MOUNTPOINT\n   stargz-mount inspect [--json] REF\n   stargz-mount cache ls [--json] | du | prune [--all] [--max SIZE]",
+		UsageText: "stargz-mount [options] REF MOUNTPOINT\n   stargz-mount bundle [options] REF DIR\n   stargz-mount umount MOUNTPOINT\n   stargz-mount stats [--json] MOUNTPOINT\n   stargz-mount inspect [--json] REF\n   stargz-mount cache ls [--json] | du | prune [--all] [--max SIZE]",
 		Description: `Resolves REF in its OCI registry and mounts the image's root filesystem at
 MOUNTPOINT, an existing empty directory. Only each layer's table of contents is
 fetched up front; file data is fetched, verified and cached when it is read.
@@ -69,6 +70,20 @@ paths at most ` + strconv.Itoa(reader.MaxDepth) + ` directories deep, chunks at 
 		Flags:           append(append(mountFlags(), fastFlags()...), commonFlags()...),
 		Action:          mountAction,
 		Commands: []*cli.Command{
+			{
+				Name:  "bundle",
+				Usage: "mount an image as the rootfs of an OCI runtime bundle (DIR/rootfs, DIR/config.json) for runc or crun",
+				Description: `Mounts REF at DIR/rootfs (DIR and DIR/rootfs are created if missing) and
+writes DIR/config.json from the image config as 'umoci unpack' does:
+entrypoint and cmd, env, working dir and user, non-interactive. Then
+'runc run -b DIR ID' or 'crun run -b DIR ID' runs the image. Serves like the
+plain mount: in the foreground until a signal or 'stargz-mount umount DIR/rootfs',
+or in the background with --daemon. As a non-root user the config is rootless
+(a user namespace mapping you to root).`,
+				ArgsUsage: "REF DIR",
+				Flags:     append(append(mountFlags(), fastFlags()...), commonFlags()...),
+				Action:    bundleAction,
+			},
 			{
 				Name:      "umount",
 				Aliases:   []string{"unmount"},
@@ -208,7 +223,37 @@ func mountAction(c *cli.Context) error {
 		}
 		return err
 	}
-	ref, target := a[0], a[1]
+	return run(c, a[0], a[1], nil)
+}
+
+// bundleAction mounts REF at DIR/rootfs and writes DIR/config.json.
+func bundleAction(c *cli.Context) error {
+	a, err := args(c, "REF", "DIR")
+	if err != nil {
+		return err
+	}
+	dir := a[1]
+	if os.Getenv(readyFDEnv) == "" {
+		if err := os.MkdirAll(filepath.Join(dir, bundle.RootfsDir), 0o755); err != nil {
+			return fmt.Errorf("bundle directory: %w", err)
+		}
+	}
+	return run(c, a[0], filepath.Join(dir, bundle.RootfsDir), func(img *fetcher.Image, m *mount.Mounted) error {
+		opts := []bundle.Option{bundle.ReadOnly(!c.Bool("writable") && c.String("upper") == "")}
+		if uid := os.Geteuid(); uid != 0 {
+			opts = append(opts, bundle.Rootless(uint32(uid), uint32(os.Getegid())))
+		}
+		spec, err := bundle.Spec(img.Config, m.Target, opts...)
+		if err != nil {
+			return fmt.Errorf("bundle config: %w", err)
+		}
+		return bundle.Write(filepath.Dir(m.Target), spec)
+	})
+}
+
+// run serves ref at target, in the background with --daemon; mounted, if
+// not nil, runs once the mount is up and before it is reported ready.
+func run(c *cli.Context, ref, target string, mounted func(*fetcher.Image, *mount.Mounted) error) error {
 	if c.Bool("daemon") && os.Getenv(readyFDEnv) == "" {
 		return daemonize(target, filepath.Join(c.String("cache-dir"), "stargz-mount.log"), progressWriter(c.Bool("quiet")))
 	}
@@ -216,14 +261,14 @@ func mountAction(c *cli.Context) error {
 	if fd := os.Getenv(readyFDEnv); fd != "" {
 		ready = readyReporter(fd)
 	}
-	err = serve(c, ref, target, ready)
+	err := serve(c, ref, target, ready, mounted)
 	if err != nil {
 		ready(err)
 	}
 	return err
 }
 
-func serve(c *cli.Context, ref, target string, ready func(error)) error {
+func serve(c *cli.Context, ref, target string, ready func(error), mounted func(*fetcher.Image, *mount.Mounted) error) error {
 	logger, err := newLogger(c, os.Stderr)
 	if err != nil {
 		return err
@@ -233,6 +278,9 @@ func serve(c *cli.Context, ref, target string, ready func(error)) error {
 		return fmt.Errorf("--cache-max-memory: %w", err)
 	}
 	if _, err := mount.CheckTarget(target); err != nil {
+		return err
+	}
+	if err := mount.CheckRootless(); err != nil {
 		return err
 	}
 	// The memory cache is most of the heap: a soft limit a little above it
@@ -294,16 +342,16 @@ func serve(c *cli.Context, ref, target string, ready func(error)) error {
 	}
 	cache := reader.NewCache(memory, copts...)
 	defer cache.Close()
-	blobs := layerBlobs(img)
 	opener := &layerOpener{
 		img:        img,
-		blobs:      blobs,
+		blobs:      layerBlobs(img),
 		cache:      cache,
 		store:      unpack.NewStore(c.String("cache-dir")),
 		skipVerify: c.Bool("insecure-skip-verify"),
 		logger:     logger,
+		opened:     prog.count("layers", len(img.Layers)),
 		prog:       prog,
-		extra:      []reader.Option{reader.WithDemand(reader.NewDemand())},
+		extra:      []reader.Option{reader.WithDemand(reader.NewDemand()), reader.WithOpaqueXattr(mount.OpaqueXattr())},
 	}
 	lowers, err := opener.open(ctx)
 	defer opener.release()
@@ -313,14 +361,14 @@ func serve(c *cli.Context, ref, target string, ready func(error)) error {
 	if disk, err := parseSize(c.String("cache-max-disk")); err == nil && store != nil {
 		opener.enforceBound(store, disk)
 	}
-	// The session (prefetch, background fetch, stats, record) works on
-	// the lazily served layers; unpacked ones are complete already.
+	// Prefetch, background fetch, stats and the access record concern the
+	// lazily served layers; unpacked ones are local already.
 	var layers []*reader.Layer
-	var lazyBlobs []*fetcher.Blob
+	var blobs []*fetcher.Blob
 	for i, lw := range lowers {
 		if lw.Layer != nil {
 			layers = append(layers, lw.Layer)
-			lazyBlobs = append(lazyBlobs, blobs[i])
+			blobs = append(blobs, opener.blobs[i])
 		}
 	}
 	if recordPath != "" {
@@ -328,7 +376,7 @@ func serve(c *cli.Context, ref, target string, ready func(error)) error {
 			l.Record()
 		}
 	}
-	sess := newSession(ref, img, lazyBlobs, layers, prog, logger)
+	sess := newSession(ref, img, blobs, layers, prog, logger)
 	defer sess.close("")
 	sess.startPrefetch(c.Bool("prefetch"))
 	m, err := mount.MountLowers(ctx, lowers, target, mount.Options{
@@ -347,7 +395,15 @@ func serve(c *cli.Context, ref, target string, ready func(error)) error {
 		m.Close()
 		return err
 	}
-	logger.Info("mounted", "ref", ref, "digest", img.Digest, "target", m.Target, "layers", len(layers))
+	if mounted != nil {
+		if err := mounted(img, m); err != nil {
+			if cerr := m.Close(); cerr != nil {
+				logger.Warn("unmount after failure", "err", cerr)
+			}
+			return err
+		}
+	}
+	logger.Info("mounted", "ref", ref, "digest", img.Digest, "target", m.Target, "layers", len(lowers))
 	if os.Getenv(progressFDEnv) != "" {
 		// The waiting parent's terminal is not ours after ready.
 		prog.done()
@@ -358,7 +414,11 @@ func serve(c *cli.Context, ref, target string, ready func(error)) error {
 	}
 	ready(nil)
 	if c.Bool("background-fetch") {
-		sess.startBackground(bandwidth, memory)
+		capacity := memory
+		if store != nil {
+			capacity += store.Max()
+		}
+		sess.startBackground(bandwidth, capacity)
 	}
 
 	werr := m.Wait(ctx)
@@ -458,6 +518,9 @@ func readyReporter(fd string) func(error) {
 	if err != nil {
 		return func(error) {}
 	}
+	// Processes this one starts (fusermount3, fuse-overlayfs) must not
+	// hold the pipe open, or the parent never sees it close.
+	syscall.CloseOnExec(n)
 	f := os.NewFile(uintptr(n), "ready")
 	done := false
 	return func(err error) {

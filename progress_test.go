@@ -68,7 +68,7 @@ func TestProgress(t *testing.T) {
 		flags    []string
 		want     []string // in the output; nil: no output at all
 	}{
-		{"terminal", true, nil, []string{"resolving " + ref, "TOCs", "2/2", "prefetch"}},
+		{"terminal", true, nil, []string{"resolving " + ref, "layers", "2/2", "prefetch"}},
 		{"quiet", true, []string{"--quiet"}, nil},
 		{"pipe", false, nil, nil},
 	}

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -44,10 +45,14 @@ type Mounted struct {
 	dir    string // the per-mount state directory
 	logger *slog.Logger
 
-	mu      sync.Mutex // guards layers, overlay and closed
+	mu      sync.Mutex // guards layers, overlay, closed, overlayProc and overlayExited
 	layers  []*layerMount
 	overlay bool
 	closed  bool
+	// overlayProc is fuse-overlayfs when rootless; overlayExited receives
+	// its exit.
+	overlayProc   *exec.Cmd
+	overlayExited chan error
 }
 
 type layerMount struct {
@@ -112,6 +117,9 @@ func MountLowers(ctx context.Context, layers []Lower, target string, o Options) 
 	}
 	target, err = CheckTarget(target)
 	if err != nil {
+		return nil, err
+	}
+	if err := CheckRootless(); err != nil {
 		return nil, err
 	}
 	dir, err := newStateDir(o.StateDir)
@@ -196,7 +204,17 @@ func MountLowers(ctx context.Context, layers []Lower, target string, o Options) 
 	if len(data) >= os.Getpagesize() {
 		return nil, fmt.Errorf("overlay options are %d bytes, over the kernel's limit of %d: use a shorter --cache-dir", len(data), os.Getpagesize())
 	}
-	if err := unix.Mount("overlay", target, "overlay", flags, data); err != nil {
+	if Rootless() {
+		if flags&unix.MS_RDONLY != 0 {
+			data += ",ro"
+		}
+		m.mu.Lock()
+		err = m.fuseOverlay(target, data)
+		m.mu.Unlock()
+		if err != nil {
+			return nil, err
+		}
+	} else if err := unix.Mount("overlay", target, "overlay", flags, data); err != nil {
 		return nil, fmt.Errorf("mount overlay at %s: %w", target, err)
 	}
 	m.mu.Lock()
@@ -246,6 +264,9 @@ func (m *Mounted) Close() error {
 	var errs []error
 	if m.overlay {
 		if err := unmount(m.Target, m.logger); err != nil {
+			errs = append(errs, err)
+		}
+		if err := m.stopFuseOverlay(); err != nil {
 			errs = append(errs, err)
 		}
 		m.overlay = false

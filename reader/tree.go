@@ -288,8 +288,10 @@ func (b *builder) node(ent *estargz.TOCEntry, parent *Node, name string) (*Node,
 	}
 	for k, v := range ent.Xattrs {
 		// The overlay's own xattrs are never image content: a layer must
-		// not be able to redirect or make opaque what the overlay shows.
-		if strings.HasPrefix(k, "trusted.overlay.") || strings.HasPrefix(k, "user.overlay.") {
+		// not be able to redirect or make opaque what the overlay shows,
+		// nor (fuse-overlayfs) override owners and modes.
+		if strings.HasPrefix(k, "trusted.overlay.") || strings.HasPrefix(k, "user.overlay.") ||
+			strings.HasPrefix(k, "user.fuseoverlayfs.") || strings.HasPrefix(k, "user.containers.") {
 			continue
 		}
 		if n.Xattrs == nil {

@@ -5,13 +5,10 @@ import (
 	"compress/gzip"
 	"fmt"
 	"io"
-	"runtime"
 	"strconv"
 
 	"github.com/containerd/stargz-snapshotter/estargz"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
-	"github.com/google/go-containerregistry/pkg/v1/empty"
-	"github.com/google/go-containerregistry/pkg/v1/mutate"
 	"github.com/google/go-containerregistry/pkg/v1/types"
 )
 
@@ -137,32 +134,11 @@ func (l blobLayer) Uncompressed() (io.ReadCloser, error) {
 // from blobs, bottom layer first. The config is linux/GOARCH with a usable
 // Cmd, Env and WorkingDir, and fixed timestamps so the result is reproducible.
 func Image(blobs ...*Blob) (v1.Image, error) {
-	img := mutate.MediaType(empty.Image, types.OCIManifestSchema1)
-	img = mutate.ConfigMediaType(img, types.OCIConfigJSON)
-	img, err := mutate.ConfigFile(img, &v1.ConfigFile{
-		Architecture: runtime.GOARCH,
-		OS:           "linux",
-		Created:      v1.Time{Time: DefaultMTime},
-		RootFS:       v1.RootFS{Type: "layers"},
-		Config: v1.Config{
-			Cmd:        []string{"/bin/sh"},
-			Env:        []string{"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"},
-			WorkingDir: "/",
-		},
-	})
-	if err != nil {
-		return nil, err
-	}
-	adds := make([]mutate.Addendum, len(blobs))
-	for i, b := range blobs {
-		adds[i] = mutate.Addendum{
-			Layer:       b.Layer(),
-			Annotations: b.Annotations(),
-			MediaType:   b.mediaType(),
-			History:     v1.History{Created: v1.Time{Time: DefaultMTime}, CreatedBy: fmt.Sprintf("layertest layer %d", i)},
-		}
-	}
-	return mutate.Append(img, adds...)
+	return ImageWithConfig(v1.Config{
+		Cmd:        []string{"/bin/sh"},
+		Env:        []string{"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"},
+		WorkingDir: "/",
+	}, blobs...)
 }
 
 // BuildImage builds an eStargz image from entry lists (bottom layer first)
