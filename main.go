@@ -346,7 +346,7 @@ func serve(c *cli.Context, ref, target string, ready func(error), mounted func(*
 		img:        img,
 		blobs:      layerBlobs(img),
 		cache:      cache,
-		store:      unpack.NewStore(c.String("cache-dir")),
+		store:      unpack.NewStore(c.String("cache-dir"), unpack.WithOpaqueXattr(mount.OpaqueXattr()), unpack.WithFileWhiteouts(mount.Rootless())),
 		skipVerify: c.Bool("insecure-skip-verify"),
 		logger:     logger,
 		opened:     prog.count("layers", len(img.Layers)),

@@ -23,12 +23,14 @@ type Decompressor func(io.Reader) (io.ReadCloser, error)
 // Store keeps unpacked layers under DIR/layers/sha256/HEX, one directory per
 // blob digest, shared by every mount that uses the same cache directory.
 type Store struct {
-	dir string // DIR/layers
+	dir  string   // DIR/layers
+	opts []Option // for Tar
 }
 
-// NewStore returns the store of unpacked layers under cacheDir.
-func NewStore(cacheDir string) *Store {
-	return &Store{dir: filepath.Join(cacheDir, "layers")}
+// NewStore returns the store of unpacked layers under cacheDir; opts are
+// how Tar unpacks them.
+func NewStore(cacheDir string, opts ...Option) *Store {
+	return &Store{dir: filepath.Join(cacheDir, "layers"), opts: opts}
 }
 
 var sha256Digest = regexp.MustCompile(`^sha256:([0-9a-f]{64})$`)
@@ -94,7 +96,7 @@ func (s *Store) Layer(ctx context.Context, dgst string, open func(context.Contex
 	}
 	defer blob.Close()
 	h := sha256.New()
-	if err := unpackVerified(io.TeeReader(blob, h), tmp, decompress); err != nil {
+	if err := unpackVerified(io.TeeReader(blob, h), tmp, decompress, s.opts); err != nil {
 		return "", err
 	}
 	if got := "sha256:" + hex.EncodeToString(h.Sum(nil)); got != dgst {
@@ -109,12 +111,12 @@ func (s *Store) Layer(ctx context.Context, dgst string, open func(context.Contex
 
 // unpackVerified unpacks the tar from the compressed stream r into dir and
 // then reads r to its end, so that a hash of r covers the whole blob.
-func unpackVerified(r io.Reader, dir string, decompress Decompressor) error {
+func unpackVerified(r io.Reader, dir string, decompress Decompressor, opts []Option) error {
 	zr, err := decompress(r)
 	if err != nil {
 		return fmt.Errorf("decompress layer: %w", err)
 	}
-	err = Tar(zr, dir)
+	err = Tar(zr, dir, opts...)
 	if err == nil {
 		// Compressed formats may have trailing frames or padding after the
 		// tar's end marker: drain them through the decompressor (which

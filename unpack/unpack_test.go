@@ -180,6 +180,19 @@ func TestTar(t *testing.T) {
 			isFile("opq/new", "n", 0o644, 0, 0),
 			xattr("implied2", "trusted.overlay.opaque", "y"),
 		}, false},
+		{"file whiteouts for fuse-overlayfs", []lt.Entry{
+			lt.Dir("a"),
+			lt.FileString("a/gone", "replaced by its whiteout"),
+			lt.Whiteout("a/gone"),
+			lt.Dir("opq"),
+			lt.Opaque("opq"),
+		}, []check{
+			isFile("a/.wh.gone", "", 0, 0, 0),
+			missing("a/gone"),
+			isFile("opq/.wh..wh..opq", "", 0, 0, 0),
+			xattr("opq", "user.overlay.opaque", "y"),
+			xattr("opq", "trusted.overlay.opaque", ""),
+		}, false},
 		{"later entries replace earlier ones", []lt.Entry{
 			lt.FileString("f2d", "file"),
 			lt.Dir("f2d"),
@@ -249,7 +262,11 @@ func TestTar(t *testing.T) {
 			if err := os.MkdirAll(layer, 0o755); err != nil {
 				t.Fatal(err)
 			}
-			err := Tar(bytes.NewReader(lt.Tar(tt.entries...)), layer)
+			var opts []Option
+			if tt.name == "file whiteouts for fuse-overlayfs" {
+				opts = []Option{WithFileWhiteouts(true), WithOpaqueXattr("user.overlay.opaque")}
+			}
+			err := Tar(bytes.NewReader(lt.Tar(tt.entries...)), layer, opts...)
 			if (err != nil) != tt.wantErr {
 				t.Fatalf("Tar: %v, want error %v", err, tt.wantErr)
 			}
