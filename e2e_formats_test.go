@@ -18,6 +18,8 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 	"github.com/google/go-containerregistry/pkg/v1/types"
 
+	"golang.org/x/sys/unix"
+
 	lt "github.com/stargz-mount/stargz-mount/internal/layertest"
 )
 
@@ -603,4 +605,77 @@ func TestUnpackedLayersInCache(t *testing.T) {
 		t.Errorf("%d unpacked layers left after prune --all", n)
 	}
 	a.assertClean()
+}
+
+// TestRootlessPlain mounts plain layers as an unprivileged user: they are
+// unpacked with file whiteouts, which fuse-overlayfs applies.
+func TestRootlessPlain(t *testing.T) {
+	needFUSE(t) // root, to create the user
+	if _, err := exec.LookPath("fuse-overlayfs"); err != nil {
+		t.Skip("needs fuse-overlayfs (Debian package fuse-overlayfs)")
+	}
+	host := lt.InProcessRegistry(t)
+	img, err := lt.BuildImageAs(64<<10, []lt.Format{lt.FormatGzip, lt.FormatZstd, lt.FormatEStargz},
+		[]lt.Entry{
+			lt.Dir("etc"), lt.FileString("etc/motd", "hello plain\n"),
+			lt.FileString("gone", "deleted above"),
+			lt.Dir("opq"), lt.FileString("opq/old", "hidden above"),
+			lt.Dir("dev"), lt.Char("dev/null", 1, 3),
+		},
+		[]lt.Entry{
+			lt.Whiteout("gone"),
+			lt.Dir("opq"), lt.Opaque("opq"), lt.FileString("opq/new", "new"),
+		},
+		[]lt.Entry{lt.Dir("etc"), lt.FileString("etc/top", "lazy top\n")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ref := host + "/rootless-plain:1"
+	lt.Push(t, img, ref)
+	u := newUnprivileged(t)
+	work, err := os.MkdirTemp("/tmp", "sgz-rootless-plain")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(work) })
+	os.Chmod(work, 0o755)
+	exe := filepath.Join(work, "stargz-mount")
+	copyFile(t, binary, exe, 0o755)
+	target := filepath.Join(work, "mnt")
+	if err := os.Mkdir(target, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	os.Chown(target, int(u.uid), int(u.gid))
+	cache := filepath.Join(work, "cache")
+	os.Mkdir(cache, 0o755)
+	os.Chown(cache, int(u.uid), int(u.gid))
+	t.Cleanup(func() {
+		if mounted(target) {
+			exec.Command(binary, "umount", target).Run()
+		}
+		if mounted(target) {
+			unix.Unmount(target, unix.MNT_DETACH)
+		}
+	})
+	openDevFuse(t)
+	u.run(exe, "--cache-dir", cache, "--daemon", ref, target)
+	if fs := fsType(target); fs != "fuse.fuse-overlayfs" {
+		t.Errorf("mount type %q, want fuse.fuse-overlayfs", fs)
+	}
+	if got := u.run("ls", "-A", target); got != "dev\netc\nopq\n" {
+		t.Errorf("ls as the user: %q", got)
+	}
+	if got := u.run("ls", "-A", target+"/opq"); got != "new\n" {
+		t.Errorf("opaque dir shows %q, want only the top layer's", got)
+	}
+	if got := u.run("cat", target+"/etc/motd", target+"/etc/top"); got != "hello plain\nlazy top\n" {
+		t.Errorf("cat as the user: %q", got)
+	}
+	u.run(exe, "umount", target)
+	if mounted(target) {
+		t.Errorf("%s still mounted after umount", target)
+	}
+	if left := leftMounts(cache); len(left) > 0 {
+		t.Errorf("mounts left: %q", left)
+	}
 }
