@@ -17,7 +17,6 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/mutate"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 	"github.com/google/go-containerregistry/pkg/v1/types"
-
 	"golang.org/x/sys/unix"
 
 	lt "github.com/stargz-mount/stargz-mount/internal/layertest"
