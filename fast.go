@@ -172,6 +172,8 @@ func (s *session) Snapshot() stats.Snapshot {
 			ChunksKept:       ls.ChunksKept,
 			MemoryHits:       ls.MemoryHits,
 			MemoryMisses:     ls.MemoryMisses,
+			DiskHits:         ls.DiskHits,
+			DiskMisses:       ls.DiskMisses,
 			Requests:         bc.Requests,
 			TransferredBytes: bc.Bytes,
 			Retries:          bc.Retries,

@@ -115,11 +115,18 @@ func (l *Layer) key(c *chunk) string {
 func (l *Layer) chunk(ctx context.Context, n *Node, i int) ([]byte, error) {
 	c := &n.chunks[i]
 	key := l.key(c)
-	if b, ok := l.cache.get(key); ok && int64(len(b)) == c.size {
+	if b, ok := l.cache.getMemory(key); ok && int64(len(b)) == c.size {
 		l.acct.memHits.Add(1)
 		return b, nil
 	}
 	l.acct.memMisses.Add(1)
+	if b, ok, looked := l.cache.getStore(key); looked {
+		if ok && int64(len(b)) == c.size {
+			l.acct.diskHits.Add(1)
+			return b, nil
+		}
+		l.acct.diskMisses.Add(1)
+	}
 	defer l.demand.begin()() // background fetching pauses meanwhile
 	for {
 		if b, ok := l.cache.get(key); ok && int64(len(b)) == c.size {

@@ -23,6 +23,9 @@ type Stats struct {
 
 	// MemoryHits and MemoryMisses count chunk lookups in the memory cache.
 	MemoryHits, MemoryMisses int64
+	// DiskHits and DiskMisses count lookups in the disk cache, made after
+	// a memory miss when there is one.
+	DiskHits, DiskMisses int64
 	// Requests and Bytes count the data reads the layer made (on-demand,
 	// prefetch and background, not footer and TOC) and their sizes.
 	Requests, Bytes int64
@@ -56,8 +59,9 @@ type accounting struct {
 	kept    int
 	fetched int64
 
-	memHits, memMisses atomic.Int64
-	requests, bytes    atomic.Int64
+	memHits, memMisses   atomic.Int64
+	diskHits, diskMisses atomic.Int64
+	requests, bytes      atomic.Int64
 
 	prefetch   atomic.Value // string
 	background atomic.Value // string
@@ -156,6 +160,8 @@ func (l *Layer) Stats() Stats {
 		Chunks:        len(units),
 		MemoryHits:    a.memHits.Load(),
 		MemoryMisses:  a.memMisses.Load(),
+		DiskHits:      a.diskHits.Load(),
+		DiskMisses:    a.diskMisses.Load(),
 		Requests:      a.requests.Load(),
 		Bytes:         a.bytes.Load(),
 		PrefetchBytes: l.prefetch,
