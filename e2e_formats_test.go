@@ -678,3 +678,30 @@ func TestRootlessPlain(t *testing.T) {
 		t.Errorf("mounts left: %q", left)
 	}
 }
+
+// TestOfflineRemountFormats: once read, an image of a plain layer and a
+// zstd:chunked layer mounts again by digest with the registry gone.
+func TestOfflineRemountFormats(t *testing.T) {
+	needFUSE(t)
+	host, stop := stoppableRegistry(t)
+	want, entries := files(8, 100<<10)
+	img, err := lt.BuildImageAs(64<<10, []lt.Format{lt.FormatGzip, lt.FormatZstdChunked},
+		[]lt.Entry{lt.Dir("etc"), lt.FileString("etc/motd", "hi\n")}, entries)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lt.Push(t, img, host+"/offfmt:1")
+	want["etc/motd"] = []byte("hi\n")
+	e := newEnv(t)
+	e.mount(host + "/offfmt:1")
+	checkFiles(t, e.target, want)
+	e.umount()
+	stop()
+	e.mount(host + "/offfmt@" + imageDigest(t, img))
+	checkFiles(t, e.target, want)
+	if n, u := e.fuseMounts(), len(e.storedLayers()); n != 1 || u != 1 {
+		t.Errorf("%d FUSE layers and %d unpacked, want 1 and 1", n, u)
+	}
+	e.umount()
+	e.assertClean()
+}
