@@ -65,7 +65,7 @@ func (s *Store) Layers() ([]Info, error) {
 			continue
 		}
 		p := filepath.Join(dir, e.Name())
-		in := Info{Digest: "sha256:" + e.Name(), Bytes: du(p)}
+		in := Info{Digest: "sha256:" + e.Name(), Bytes: size(p)}
 		if fi, err := os.Stat(p + ".hold"); err == nil {
 			in.LastUsed = fi.ModTime()
 		} else if fi, err := os.Stat(p); err == nil {
@@ -104,7 +104,8 @@ func (s *Store) Remove(dgst string) (int64, error) {
 		return 0, fmt.Errorf("layer %s: %w", dgst, ErrBusy)
 	}
 	defer f.Close()
-	n := du(final)
+	n := size(final)
+	os.Remove(final + ".size")
 	// Out of the way first, so no mount finds a half-removed layer.
 	tmp := final + ".tmp-rm"
 	if err := os.Rename(final, tmp); err != nil {

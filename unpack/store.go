@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"strconv"
 
 	"golang.org/x/sys/unix"
 )
@@ -102,6 +103,8 @@ func (s *Store) Layer(ctx context.Context, dgst string, open func(context.Contex
 	if got := "sha256:" + hex.EncodeToString(h.Sum(nil)); got != dgst {
 		return "", fmt.Errorf("layer %s: got %s: %w", dgst, got, ErrDigest)
 	}
+	// Record the size first, so that listing the store need not walk it.
+	writeSize(final, du(tmp))
 	if err := os.Rename(tmp, final); err != nil {
 		return "", fmt.Errorf("layer store: %w", err)
 	}
@@ -154,4 +157,26 @@ func lock(ctx context.Context, path string) (func(), error) {
 		go func() { <-done; f.Close() }()
 		return nil, ctx.Err()
 	}
+}
+
+// writeSize records n as the disk usage of the layer at final, in
+// final.size (temp file + rename).
+func writeSize(final string, n int64) {
+	tmp := final + ".size.tmp"
+	if err := os.WriteFile(tmp, []byte(strconv.FormatInt(n, 10)), 0o600); err == nil {
+		os.Rename(tmp, final+".size")
+	}
+}
+
+// size is the recorded disk usage of the layer at final, walking it if
+// nothing was recorded.
+func size(final string) int64 {
+	if b, err := os.ReadFile(final + ".size"); err == nil {
+		if n, err := strconv.ParseInt(string(b), 10, 64); err == nil && n >= 0 {
+			return n
+		}
+	}
+	n := du(final)
+	writeSize(final, n)
+	return n
 }
