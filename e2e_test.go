@@ -579,7 +579,10 @@ func TestTamperedChunk(t *testing.T) {
 	if err := os.WriteFile(path, data, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	out, err := e.cmd("--daemon", ref, e.target).CombinedOutput()
+	// A fresh cache dir: the first mount kept the good TOC in its disk
+	// cache, and a mount from there would (rightly) not fetch it again.
+	e2 := newEnv(t)
+	out, err := e2.cmd("--daemon", ref, e2.target).CombinedOutput()
 	if err == nil {
 		t.Fatalf("mount with an altered TOC succeeded")
 	}
@@ -587,5 +590,5 @@ func TestTamperedChunk(t *testing.T) {
 	if !strings.Contains(string(out), "layer 0") || !strings.Contains(string(out), "does not match") {
 		t.Errorf("error does not name the layer: %s", out)
 	}
-	e.assertClean()
+	e2.assertClean()
 }
