@@ -656,7 +656,7 @@ func inspectAction(c *cli.Context) error {
 	w := c.App.Writer
 	fmt.Fprintf(w, "Reference: %s\nDigest:    %s\nPlatform:  %s\n\n", info.Reference, info.Digest, info.Platform)
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "#\tDIGEST\tMEDIA TYPE\tSIZE\tUNCOMPRESSED\tESTARGZ\tENTRIES\tPRIORITIZED\tTOC DIGEST")
+	fmt.Fprintln(tw, "#\tDIGEST\tMEDIA TYPE\tFORMAT\tSIZE\tUNCOMPRESSED\tESTARGZ\tENTRIES\tPRIORITIZED\tTOC DIGEST")
 	for i, l := range info.Layers {
 		unc := "-"
 		if l.UncompressedSize > 0 {
@@ -670,7 +670,7 @@ func inspectAction(c *cli.Context) error {
 		if toc == "" {
 			toc = "-"
 		}
-		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\t%d\t%s\t%s\n", i, shortDigest(l.Digest), l.MediaType,
+		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\t%s\t%d\t%s\t%s\n", i, shortDigest(l.Digest), l.MediaType, l.Format,
 			sizeString(l.Size), unc, es, l.Entries, sizeString(l.PrioritizedBytes), shortDigest(toc))
 	}
 	tw.Flush()
