@@ -705,3 +705,32 @@ func TestOfflineRemountFormats(t *testing.T) {
 	e.umount()
 	e.assertClean()
 }
+
+// TestRepeatedPlainLayer mounts an image that lists one plain layer twice
+// (images repeat the empty layer often): overlayfs takes a directory once.
+func TestRepeatedPlainLayer(t *testing.T) {
+	needFUSE(t)
+	host := lt.InProcessRegistry(t)
+	a, err := lt.Gzip(lt.Tar(lt.FileString("f", "a"), lt.FileString("only-a", "a")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := lt.Gzip(lt.Tar(lt.FileString("f", "b"), lt.Whiteout("only-a")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	img, err := lt.Image(a, b, a)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lt.Push(t, img, host+"/repeat:1")
+	e := newEnv(t)
+	e.mount(host + "/repeat:1")
+	for name, want := range map[string]string{"f": "a", "only-a": "a"} {
+		if got, err := os.ReadFile(filepath.Join(e.target, name)); err != nil || string(got) != want {
+			t.Errorf("%s = %q, %v; want %q", name, got, err, want)
+		}
+	}
+	e.umount()
+	e.assertClean()
+}

@@ -217,7 +217,9 @@ func (o *layerOpener) open(ctx context.Context) ([]mount.Lower, error) {
 				return err
 			}
 			lowers[i] = lower
-			o.opened()
+			if o.opened != nil {
+				o.opened()
+			}
 			return nil
 		})
 	}
