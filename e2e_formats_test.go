@@ -734,3 +734,30 @@ func TestRepeatedPlainLayer(t *testing.T) {
 	e.umount()
 	e.assertClean()
 }
+
+// TestAnnotatedPlainGzip: a plain gzip layer that carries a TOC digest
+// annotation anyway (no eStargz footer) is unpacked, not refused.
+func TestAnnotatedPlainGzip(t *testing.T) {
+	needFUSE(t)
+	host := lt.InProcessRegistry(t)
+	b, err := lt.Gzip(lt.Tar(lt.FileString("f", "plain\n")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	b.TOCDigest = "sha256:" + strings.Repeat("a", 64)
+	img, err := lt.Image(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lt.Push(t, img, host+"/annotated:1")
+	e := newEnv(t)
+	e.mount(host + "/annotated:1")
+	if got, err := os.ReadFile(filepath.Join(e.target, "f")); err != nil || string(got) != "plain\n" {
+		t.Errorf("f = %q, %v", got, err)
+	}
+	if n := len(e.storedLayers()); n != 1 {
+		t.Errorf("%d unpacked layers, want 1", n)
+	}
+	e.umount()
+	e.assertClean()
+}

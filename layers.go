@@ -239,7 +239,9 @@ func (o *layerOpener) openOne(ctx context.Context, i int, l fetcher.Layer, f lay
 		case errors.Is(err, reader.ErrNotEStargz) && !f.estargz:
 			// A plain gzip layer: unpack it below.
 		case errors.Is(err, reader.ErrNotEStargz):
-			return mount.Lower{}, fmt.Errorf("layer %d (%s) has a TOC digest annotation but is not eStargz: %w", i, l.Digest, err)
+			// Annotated but no eStargz footer (an external TOC, say): it is
+			// still a gzip tar, checked against its blob digest when unpacked.
+			o.logger.Warn("layer has a TOC digest annotation but no eStargz footer; unpacking it whole", "layer", l.Digest, "err", err)
 		default:
 			return mount.Lower{}, fmt.Errorf("layer %d: %w", i, err)
 		}
