@@ -12,6 +12,7 @@ import (
 	"github.com/urfave/cli/v2"
 
 	"github.com/stargz-mount/stargz-mount/lru"
+	"github.com/stargz-mount/stargz-mount/unpack"
 )
 
 // metaGroup is the disk cache group of manifests, configs and resolved
@@ -88,6 +89,13 @@ func cacheLs(c *cli.Context) error {
 		}
 		out = append(out, cachedLayer{g, kind})
 	}
+	unpacked, err := unpack.NewStore(c.String("cache-dir")).Layers()
+	if err != nil {
+		return err
+	}
+	for _, l := range unpacked {
+		out = append(out, cachedLayer{lru.Group{Name: l.Digest, Entries: 1, Bytes: l.Bytes, LastUsed: l.LastUsed, InUse: l.InUse}, "unpacked"})
+	}
 	if c.Bool("json") {
 		enc := json.NewEncoder(c.App.Writer)
 		enc.SetIndent("", "  ")
@@ -97,8 +105,11 @@ func cacheLs(c *cli.Context) error {
 	fmt.Fprintln(tw, "LAYER\tENTRIES\tSIZE\tLAST USED\tIN USE")
 	for _, g := range out {
 		name := g.Name
-		if g.Kind == "metadata" {
+		switch g.Kind {
+		case "metadata":
 			name = "(manifests, configs, tags)"
+		case "unpacked":
+			name += " (unpacked)"
 		}
 		inUse := "no"
 		if g.InUse {
@@ -120,6 +131,13 @@ func cacheDu(c *cli.Context) error {
 		return err
 	}
 	fmt.Fprintf(c.App.Writer, "%s\t%d bytes\t%s\n", sizeString(n), n, s.Dir())
+	us := unpack.NewStore(c.String("cache-dir"))
+	u, err := us.Usage()
+	if err != nil {
+		return err
+	}
+	dir, _ := us.Path("sha256:" + strings.Repeat("0", 64))
+	fmt.Fprintf(c.App.Writer, "%s\t%d bytes\t%s\n", sizeString(u), u, filepath.Dir(dir))
 	return nil
 }
 
@@ -131,7 +149,23 @@ func cachePrune(c *cli.Context) error {
 	defer s.Close()
 	var freed int64
 	var busy []string
+	us := unpack.NewStore(c.String("cache-dir"))
 	if c.Bool("all") {
+		layers, err := us.Layers()
+		if err != nil {
+			return err
+		}
+		for _, l := range layers {
+			n, err := us.Remove(l.Digest)
+			if errors.Is(err, unpack.ErrBusy) {
+				busy = append(busy, l.Digest)
+				continue
+			}
+			if err != nil {
+				return err
+			}
+			freed += n
+		}
 		groups, err := s.Groups()
 		if err != nil {
 			return err
@@ -152,11 +186,29 @@ func cachePrune(c *cli.Context) error {
 		if err != nil {
 			return fmt.Errorf("--max: %w", err)
 		}
-		if freed, err = s.Prune(max); err != nil {
+		// Unpacked layers (whole layers, the bigger items) go first, down
+		// to what the chunk store leaves of the bound.
+		chunks, err := s.Usage()
+		if err != nil {
 			return err
 		}
+		if freed, err = us.Prune(max - min(max, chunks)); err != nil {
+			return err
+		}
+		u, err := us.Usage()
+		if err != nil {
+			return err
+		}
+		n, err := s.Prune(max - min(max, u))
+		if err != nil {
+			return err
+		}
+		freed += n
 	}
 	left, _ := s.Usage()
+	if u, err := us.Usage(); err == nil {
+		left += u
+	}
 	fmt.Fprintf(c.App.Writer, "freed %s, %s left", sizeString(freed), sizeString(left))
 	if len(busy) > 0 {
 		fmt.Fprintf(c.App.Writer, " (kept %d layer(s) of live mounts: %s)", len(busy), strings.Join(busy, ", "))

@@ -85,7 +85,7 @@ func TestInspect(t *testing.T) {
 	}
 
 	table, err := exec.Command(binary, "inspect", host+"/inspect:1").Output()
-	if err != nil || !strings.Contains(string(table), "ESTARGZ") || !strings.Contains(string(table), d.String()) {
+	if err != nil || !strings.Contains(string(table), "ESTARGZ") || !strings.Contains(string(table), "zstd:chunked") || !strings.Contains(string(table), d.String()) {
 		t.Errorf("inspect table: %v\n%s", err, table)
 	}
 }

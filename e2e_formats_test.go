@@ -17,6 +17,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/mutate"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 	"github.com/google/go-containerregistry/pkg/v1/types"
+	"golang.org/x/sys/unix"
 
 	lt "github.com/stargz-mount/stargz-mount/internal/layertest"
 )
@@ -545,6 +546,217 @@ func TestPodmanZstdChunked(t *testing.T) {
 	}
 	if n, u := e.fuseMounts(), len(e.storedLayers()); n != 1 || u != 0 {
 		t.Errorf("%d FUSE layers and %d unpacked, want the layer served lazily", n, u)
+	}
+	e.umount()
+	e.assertClean()
+}
+
+// TestUnpackedLayersInCache: unpacked layers show in `cache ls`, are held
+// while mounted, go with `cache prune`, and count toward --cache-max-disk.
+func TestUnpackedLayersInCache(t *testing.T) {
+	needFUSE(t)
+	host := lt.InProcessRegistry(t)
+	wantA, entriesA := files(4, 256<<10)
+	wantB, entriesB := files(3, 256<<10)
+	imgA, err := lt.BuildImageAs(0, []lt.Format{lt.FormatGzip}, entriesA)
+	if err != nil {
+		t.Fatal(err)
+	}
+	imgB, err := lt.BuildImageAs(0, []lt.Format{lt.FormatZstd}, entriesB)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lt.Push(t, imgA, host+"/ua:1")
+	lt.Push(t, imgB, host+"/ub:1")
+	a := newEnv(t)
+	b := a.sibling()
+	a.mount(host + "/ua:1")
+	checkFiles(t, a.target, wantA)
+	dA, dB := layerDigests(t, imgA)[0], layerDigests(t, imgB)[0]
+	if g := a.cacheLs()[dA]; g.Kind != "unpacked" || !g.InUse || g.Bytes < 1<<20 {
+		t.Errorf("live unpacked layer: %+v", g)
+	}
+	out, err := exec.Command(binary, "cache", "prune", "--all", "--cache-dir", a.cache).CombinedOutput()
+	if err != nil || !strings.Contains(string(out), dA) {
+		t.Errorf("prune --all does not keep the live layer: %v: %s", err, out)
+	}
+	checkFiles(t, a.target, wantA)
+	a.umount()
+	if g := a.cacheLs()[dA]; g.Kind != "unpacked" || g.InUse {
+		t.Errorf("idle unpacked layer: %+v", g)
+	}
+
+	// A bound that holds one layer: mounting B prunes idle A.
+	b.mount(host+"/ub:1", "--cache-max-disk", "1200KiB")
+	checkFiles(t, b.target, wantB)
+	ls := b.cacheLs()
+	if _, ok := ls[dA]; ok {
+		t.Errorf("idle layer %s kept past the bound", dA)
+	}
+	if g := ls[dB]; !g.InUse {
+		t.Errorf("live layer: %+v", g)
+	}
+	b.umount()
+	if out, err := exec.Command(binary, "cache", "prune", "--all", "--cache-dir", a.cache).CombinedOutput(); err != nil {
+		t.Fatalf("prune --all: %v: %s", err, out)
+	}
+	if n := len(a.storedLayers()); n != 0 {
+		t.Errorf("%d unpacked layers left after prune --all", n)
+	}
+	a.assertClean()
+}
+
+// TestRootlessPlain mounts plain layers as an unprivileged user: they are
+// unpacked with file whiteouts, which fuse-overlayfs applies.
+func TestRootlessPlain(t *testing.T) {
+	needFUSE(t) // root, to create the user
+	if _, err := exec.LookPath("fuse-overlayfs"); err != nil {
+		t.Skip("needs fuse-overlayfs (Debian package fuse-overlayfs)")
+	}
+	host := lt.InProcessRegistry(t)
+	img, err := lt.BuildImageAs(64<<10, []lt.Format{lt.FormatGzip, lt.FormatZstd, lt.FormatEStargz},
+		[]lt.Entry{
+			lt.Dir("etc"), lt.FileString("etc/motd", "hello plain\n"),
+			lt.FileString("gone", "deleted above"),
+			lt.Dir("opq"), lt.FileString("opq/old", "hidden above"),
+			lt.Dir("dev"), lt.Char("dev/null", 1, 3),
+		},
+		[]lt.Entry{
+			lt.Whiteout("gone"),
+			lt.Dir("opq"), lt.Opaque("opq"), lt.FileString("opq/new", "new"),
+		},
+		[]lt.Entry{lt.Dir("etc"), lt.FileString("etc/top", "lazy top\n")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ref := host + "/rootless-plain:1"
+	lt.Push(t, img, ref)
+	u := newUnprivileged(t)
+	work, err := os.MkdirTemp("/tmp", "sgz-rootless-plain")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(work) })
+	os.Chmod(work, 0o755)
+	exe := filepath.Join(work, "stargz-mount")
+	copyFile(t, binary, exe, 0o755)
+	target := filepath.Join(work, "mnt")
+	if err := os.Mkdir(target, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	os.Chown(target, int(u.uid), int(u.gid))
+	cache := filepath.Join(work, "cache")
+	os.Mkdir(cache, 0o755)
+	os.Chown(cache, int(u.uid), int(u.gid))
+	t.Cleanup(func() {
+		if mounted(target) {
+			exec.Command(binary, "umount", target).Run()
+		}
+		if mounted(target) {
+			unix.Unmount(target, unix.MNT_DETACH)
+		}
+	})
+	openDevFuse(t)
+	u.run(exe, "--cache-dir", cache, "--daemon", ref, target)
+	if fs := fsType(target); fs != "fuse.fuse-overlayfs" {
+		t.Errorf("mount type %q, want fuse.fuse-overlayfs", fs)
+	}
+	if got := u.run("ls", "-A", target); got != "dev\netc\nopq\n" {
+		t.Errorf("ls as the user: %q", got)
+	}
+	if got := u.run("ls", "-A", target+"/opq"); got != "new\n" {
+		t.Errorf("opaque dir shows %q, want only the top layer's", got)
+	}
+	if got := u.run("cat", target+"/etc/motd", target+"/etc/top"); got != "hello plain\nlazy top\n" {
+		t.Errorf("cat as the user: %q", got)
+	}
+	u.run(exe, "umount", target)
+	if mounted(target) {
+		t.Errorf("%s still mounted after umount", target)
+	}
+	if left := leftMounts(cache); len(left) > 0 {
+		t.Errorf("mounts left: %q", left)
+	}
+}
+
+// TestOfflineRemountFormats: once read, an image of a plain layer and a
+// zstd:chunked layer mounts again by digest with the registry gone.
+func TestOfflineRemountFormats(t *testing.T) {
+	needFUSE(t)
+	host, stop := stoppableRegistry(t)
+	want, entries := files(8, 100<<10)
+	img, err := lt.BuildImageAs(64<<10, []lt.Format{lt.FormatGzip, lt.FormatZstdChunked},
+		[]lt.Entry{lt.Dir("etc"), lt.FileString("etc/motd", "hi\n")}, entries)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lt.Push(t, img, host+"/offfmt:1")
+	want["etc/motd"] = []byte("hi\n")
+	e := newEnv(t)
+	e.mount(host + "/offfmt:1")
+	checkFiles(t, e.target, want)
+	e.umount()
+	stop()
+	e.mount(host + "/offfmt@" + imageDigest(t, img))
+	checkFiles(t, e.target, want)
+	if n, u := e.fuseMounts(), len(e.storedLayers()); n != 1 || u != 1 {
+		t.Errorf("%d FUSE layers and %d unpacked, want 1 and 1", n, u)
+	}
+	e.umount()
+	e.assertClean()
+}
+
+// TestRepeatedPlainLayer mounts an image that lists one plain layer twice
+// (images repeat the empty layer often): overlayfs takes a directory once.
+func TestRepeatedPlainLayer(t *testing.T) {
+	needFUSE(t)
+	host := lt.InProcessRegistry(t)
+	a, err := lt.Gzip(lt.Tar(lt.FileString("f", "a"), lt.FileString("only-a", "a")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := lt.Gzip(lt.Tar(lt.FileString("f", "b"), lt.Whiteout("only-a")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	img, err := lt.Image(a, b, a)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lt.Push(t, img, host+"/repeat:1")
+	e := newEnv(t)
+	e.mount(host + "/repeat:1")
+	for name, want := range map[string]string{"f": "a", "only-a": "a"} {
+		if got, err := os.ReadFile(filepath.Join(e.target, name)); err != nil || string(got) != want {
+			t.Errorf("%s = %q, %v; want %q", name, got, err, want)
+		}
+	}
+	e.umount()
+	e.assertClean()
+}
+
+// TestAnnotatedPlainGzip: a plain gzip layer that carries a TOC digest
+// annotation anyway (no eStargz footer) is unpacked, not refused.
+func TestAnnotatedPlainGzip(t *testing.T) {
+	needFUSE(t)
+	host := lt.InProcessRegistry(t)
+	b, err := lt.Gzip(lt.Tar(lt.FileString("f", "plain\n")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	b.TOCDigest = "sha256:" + strings.Repeat("a", 64)
+	img, err := lt.Image(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lt.Push(t, img, host+"/annotated:1")
+	e := newEnv(t)
+	e.mount(host + "/annotated:1")
+	if got, err := os.ReadFile(filepath.Join(e.target, "f")); err != nil || string(got) != "plain\n" {
+		t.Errorf("f = %q, %v", got, err)
+	}
+	if n := len(e.storedLayers()); n != 1 {
+		t.Errorf("%d unpacked layers, want 1", n)
 	}
 	e.umount()
 	e.assertClean()

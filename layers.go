@@ -6,7 +6,10 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"os"
 	"strings"
+	"sync"
+	"sync/atomic"
 
 	"github.com/containerd/stargz-snapshotter/estargz"
 	"github.com/klauspost/compress/gzip"
@@ -15,6 +18,7 @@ import (
 	"golang.org/x/sync/errgroup"
 
 	"github.com/stargz-mount/stargz-mount/fetcher"
+	"github.com/stargz-mount/stargz-mount/lru"
 	"github.com/stargz-mount/stargz-mount/mount"
 	"github.com/stargz-mount/stargz-mount/reader"
 	"github.com/stargz-mount/stargz-mount/unpack"
@@ -128,7 +132,46 @@ type layerOpener struct {
 	opened     func()          // called as each layer is ready
 	extra      []reader.Option // for every lazily served layer
 
+	prog    *progress    // shows plain-layer downloads; nil: none
+	fetched atomic.Int64 // bytes of plain layers downloaded so far
+
 	downloads chan struct{} // bounds concurrent plain-layer downloads; made by open
+
+	mu    sync.Mutex // guards holds
+	holds []func()   // releases the unpacked layers this mount uses
+}
+
+// release lets go of the unpacked layers, for when the mount is gone.
+func (o *layerOpener) release() {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	for _, r := range o.holds {
+		r()
+	}
+	o.holds = nil
+}
+
+// enforceBound prunes unpacked layers no live mount holds, least recently
+// used first, so that they and the chunk store (chunks, nil when off)
+// together use at most bound bytes. bound <= 0 means no bound.
+func (o *layerOpener) enforceBound(chunks *lru.Store, bound int64) {
+	if bound <= 0 {
+		return
+	}
+	var other int64
+	if chunks != nil {
+		other, _ = chunks.Usage()
+	}
+	freed, err := o.store.Prune(max(0, bound-other))
+	if err != nil {
+		o.logger.Warn("pruning unpacked layers", "err", err)
+	}
+	if freed > 0 {
+		o.logger.Info("pruned unpacked layers", "freed", freed)
+	}
+	if used, _ := o.store.Usage(); used+other > bound {
+		o.logger.Warn("unpacked layers of live mounts exceed --cache-max-disk", "unpacked", used, "chunks", other, "max", bound)
+	}
 }
 
 // maxDownloads bounds the plain layers fetched at once, so that whole-blob
@@ -149,6 +192,22 @@ func (o *layerOpener) open(ctx context.Context) ([]mount.Lower, error) {
 	}
 	lowers := make([]mount.Lower, len(o.img.Layers))
 	o.downloads = make(chan struct{}, maxDownloads)
+	// A bar for the plain layers to download, if any: they take the time.
+	var download int64
+	for i, l := range o.img.Layers {
+		if f := formats[i]; f.estargz || f.zstdChunked || (f.compression == compressionGzip && o.skipVerify) {
+			continue
+		}
+		if p, err := o.store.Path(l.Digest.String()); err == nil {
+			if _, err := os.Stat(p); err == nil {
+				continue
+			}
+		}
+		download += l.Size
+	}
+	if download > 0 {
+		o.prog.bytes("plain layers", download, o.fetched.Load)
+	}
 	g, ctx := errgroup.WithContext(ctx)
 	for i, l := range o.img.Layers {
 		f := formats[i]
@@ -158,7 +217,9 @@ func (o *layerOpener) open(ctx context.Context) ([]mount.Lower, error) {
 				return err
 			}
 			lowers[i] = lower
-			o.opened()
+			if o.opened != nil {
+				o.opened()
+			}
 			return nil
 		})
 	}
@@ -178,7 +239,9 @@ func (o *layerOpener) openOne(ctx context.Context, i int, l fetcher.Layer, f lay
 		case errors.Is(err, reader.ErrNotEStargz) && !f.estargz:
 			// A plain gzip layer: unpack it below.
 		case errors.Is(err, reader.ErrNotEStargz):
-			return mount.Lower{}, fmt.Errorf("layer %d (%s) has a TOC digest annotation but is not eStargz: %w", i, l.Digest, err)
+			// Annotated but no eStargz footer (an external TOC, say): it is
+			// still a gzip tar, checked against its blob digest when unpacked.
+			o.logger.Warn("layer has a TOC digest annotation but no eStargz footer; unpacking it whole", "layer", l.Digest, "err", err)
 		default:
 			return mount.Lower{}, fmt.Errorf("layer %d: %w", i, err)
 		}
@@ -224,6 +287,14 @@ func (o *layerOpener) openEStargz(ctx context.Context, i int, l fetcher.Layer) (
 // unpack returns the store directory of plain layer l, fetching and
 // unpacking it if no earlier mount did.
 func (o *layerOpener) unpack(ctx context.Context, l fetcher.Layer, c compression) (string, error) {
+	// Held before it is looked up, so no prune removes it in between.
+	release, err := o.store.Hold(l.Digest.String())
+	if err != nil {
+		return "", err
+	}
+	o.mu.Lock()
+	o.holds = append(o.holds, release)
+	o.mu.Unlock()
 	open := func(ctx context.Context) (io.ReadCloser, error) {
 		select {
 		case o.downloads <- struct{}{}:
@@ -236,7 +307,7 @@ func (o *layerOpener) unpack(ctx context.Context, l fetcher.Layer, c compression
 			<-o.downloads
 			return nil, err
 		}
-		return &releaseCloser{rc, func() { <-o.downloads }}, nil
+		return &releaseCloser{&countingReader{rc, &o.fetched}, func() { <-o.downloads }}, nil
 	}
 	return o.store.Layer(ctx, l.Digest.String(), open, c.decompressor())
 }
@@ -254,4 +325,16 @@ func (r *releaseCloser) Close() error {
 		r.release = nil
 	}
 	return err
+}
+
+// countingReader adds the bytes read to n.
+type countingReader struct {
+	io.ReadCloser
+	n *atomic.Int64
+}
+
+func (c *countingReader) Read(b []byte) (int, error) {
+	k, err := c.ReadCloser.Read(b)
+	c.n.Add(int64(k))
+	return k, err
 }

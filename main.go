@@ -346,13 +346,15 @@ func serve(c *cli.Context, ref, target string, ready func(error), mounted func(*
 		img:        img,
 		blobs:      layerBlobs(img),
 		cache:      cache,
-		store:      unpack.NewStore(c.String("cache-dir")),
+		store:      unpack.NewStore(c.String("cache-dir"), unpack.WithOpaqueXattr(mount.OpaqueXattr()), unpack.WithFileWhiteouts(mount.Rootless())),
 		skipVerify: c.Bool("insecure-skip-verify"),
 		logger:     logger,
 		opened:     prog.count("layers", len(img.Layers)),
+		prog:       prog,
 		extra:      []reader.Option{reader.WithDemand(reader.NewDemand()), reader.WithOpaqueXattr(mount.OpaqueXattr())},
 	}
 	lowers, err := opener.open(ctx)
+	defer opener.release()
 	if err != nil {
 		return err
 	}
@@ -360,6 +362,9 @@ func serve(c *cli.Context, ref, target string, ready func(error), mounted func(*
 	// kept (the estargz library decodes every entry into a large struct):
 	// give it back to the OS now rather than hold it as RSS.
 	debug.FreeOSMemory()
+	if disk, err := parseSize(c.String("cache-max-disk")); err == nil && store != nil {
+		opener.enforceBound(store, disk)
+	}
 	// Prefetch, background fetch, stats and the access record concern the
 	// lazily served layers; unpacked ones are local already.
 	var layers []*reader.Layer
@@ -655,7 +660,7 @@ func inspectAction(c *cli.Context) error {
 	w := c.App.Writer
 	fmt.Fprintf(w, "Reference: %s\nDigest:    %s\nPlatform:  %s\n\n", info.Reference, info.Digest, info.Platform)
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "#\tDIGEST\tMEDIA TYPE\tSIZE\tUNCOMPRESSED\tESTARGZ\tENTRIES\tPRIORITIZED\tTOC DIGEST")
+	fmt.Fprintln(tw, "#\tDIGEST\tMEDIA TYPE\tFORMAT\tSIZE\tUNCOMPRESSED\tESTARGZ\tENTRIES\tPRIORITIZED\tTOC DIGEST")
 	for i, l := range info.Layers {
 		unc := "-"
 		if l.UncompressedSize > 0 {
@@ -669,7 +674,7 @@ func inspectAction(c *cli.Context) error {
 		if toc == "" {
 			toc = "-"
 		}
-		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\t%d\t%s\t%s\n", i, shortDigest(l.Digest), l.MediaType,
+		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\t%s\t%d\t%s\t%s\n", i, shortDigest(l.Digest), l.MediaType, l.Format,
 			sizeString(l.Size), unc, es, l.Entries, sizeString(l.PrioritizedBytes), shortDigest(toc))
 	}
 	tw.Flush()

@@ -169,7 +169,17 @@ func MountLowers(ctx context.Context, layers []Lower, target string, o Options) 
 	// Overlay copies the root attributes of each lower when it is mounted:
 	// make the kernel ask every FUSE server for them first.
 	lowers := make([]string, 0, len(paths)+1)
+	// overlayfs refuses a directory twice (images do repeat layers, the
+	// empty one most often); only the topmost copy counts anyway, as
+	// everything the lower copy holds, the upper one shows again.
+	seenDir := map[string]bool{}
 	for i := len(paths) - 1; i >= 0; i-- {
+		if d := layers[i].Dir; d != "" {
+			if seenDir[d] {
+				continue
+			}
+			seenDir[d] = true
+		}
 		if _, err := os.Stat(paths[i]); err != nil {
 			return nil, fmt.Errorf("layer %s does not answer: %w", paths[i], err)
 		}

@@ -65,16 +65,32 @@ func OpenZstdChunked(ctx context.Context, b Blob, checksum digest.Digest, positi
 	if checksum == "" && !o.skipVerify {
 		return nil, fmt.Errorf("open %s: %w", o.name, ErrNoTOCDigest)
 	}
-	comp := make([]byte, length)
-	if err := readFull(ctx, b, comp, off); err != nil {
-		return fail("read TOC: %v", err)
-	}
 	if checksum != "" {
 		if err := checksum.Validate(); err != nil {
 			return fail("manifest checksum annotation: %v", err)
 		}
-		if got := checksum.Algorithm().FromBytes(comp); got != checksum {
-			return fail("TOC digest %s does not match the manifest's %s: refusing a tampered layer", got, checksum)
+	}
+	// With a Store, the compressed TOC is kept there, so the layer opens
+	// without the registry; it is verified like a fetched one.
+	store, tocKey := o.cache.store, o.name+"/toc"
+	var comp []byte
+	if store != nil {
+		if t, ok := store.Get(tocKey); ok && int64(len(t)) == length && (checksum == "" || checksum.Algorithm().FromBytes(t) == checksum) {
+			comp = t
+		}
+	}
+	if comp == nil {
+		comp = make([]byte, length)
+		if err := readFull(ctx, b, comp, off); err != nil {
+			return fail("read TOC: %v", err)
+		}
+		if checksum != "" {
+			if got := checksum.Algorithm().FromBytes(comp); got != checksum {
+				return fail("TOC digest %s does not match the manifest's %s: refusing a tampered layer", got, checksum)
+			}
+		}
+		if store != nil {
+			store.Put(tocKey, comp)
 		}
 	}
 	tocJSON, err := decompressTOC(comp)
@@ -103,8 +119,8 @@ func OpenZstdChunked(ctx context.Context, b Blob, checksum digest.Digest, positi
 		logger:    o.logger,
 		tocDigest: tocDigest,
 		tocOffset: off - 8, // the skippable frame's header
-		zstd:      true,
 		demand:    o.demand,
+		zstd:      true,
 	}
 	if err := l.build(er, o.opaqueXattr, !o.skipVerify); err != nil {
 		return nil, fmt.Errorf("open %s: %w", o.name, err)

@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"strconv"
 
 	"golang.org/x/sys/unix"
 )
@@ -23,12 +24,14 @@ type Decompressor func(io.Reader) (io.ReadCloser, error)
 // Store keeps unpacked layers under DIR/layers/sha256/HEX, one directory per
 // blob digest, shared by every mount that uses the same cache directory.
 type Store struct {
-	dir string // DIR/layers
+	dir  string   // DIR/layers
+	opts []Option // for Tar
 }
 
-// NewStore returns the store of unpacked layers under cacheDir.
-func NewStore(cacheDir string) *Store {
-	return &Store{dir: filepath.Join(cacheDir, "layers")}
+// NewStore returns the store of unpacked layers under cacheDir; opts are
+// how Tar unpacks them.
+func NewStore(cacheDir string, opts ...Option) *Store {
+	return &Store{dir: filepath.Join(cacheDir, "layers"), opts: opts}
 }
 
 var sha256Digest = regexp.MustCompile(`^sha256:([0-9a-f]{64})$`)
@@ -94,12 +97,14 @@ func (s *Store) Layer(ctx context.Context, dgst string, open func(context.Contex
 	}
 	defer blob.Close()
 	h := sha256.New()
-	if err := unpackVerified(io.TeeReader(blob, h), tmp, decompress); err != nil {
+	if err := unpackVerified(io.TeeReader(blob, h), tmp, decompress, s.opts); err != nil {
 		return "", err
 	}
 	if got := "sha256:" + hex.EncodeToString(h.Sum(nil)); got != dgst {
 		return "", fmt.Errorf("layer %s: got %s: %w", dgst, got, ErrDigest)
 	}
+	// Record the size first, so that listing the store need not walk it.
+	writeSize(final, du(tmp))
 	if err := os.Rename(tmp, final); err != nil {
 		return "", fmt.Errorf("layer store: %w", err)
 	}
@@ -109,12 +114,12 @@ func (s *Store) Layer(ctx context.Context, dgst string, open func(context.Contex
 
 // unpackVerified unpacks the tar from the compressed stream r into dir and
 // then reads r to its end, so that a hash of r covers the whole blob.
-func unpackVerified(r io.Reader, dir string, decompress Decompressor) error {
+func unpackVerified(r io.Reader, dir string, decompress Decompressor, opts []Option) error {
 	zr, err := decompress(r)
 	if err != nil {
 		return fmt.Errorf("decompress layer: %w", err)
 	}
-	err = Tar(zr, dir)
+	err = Tar(zr, dir, opts...)
 	if err == nil {
 		// Compressed formats may have trailing frames or padding after the
 		// tar's end marker: drain them through the decompressor (which
@@ -152,4 +157,26 @@ func lock(ctx context.Context, path string) (func(), error) {
 		go func() { <-done; f.Close() }()
 		return nil, ctx.Err()
 	}
+}
+
+// writeSize records n as the disk usage of the layer at final, in
+// final.size (temp file + rename).
+func writeSize(final string, n int64) {
+	tmp := final + ".size.tmp"
+	if err := os.WriteFile(tmp, []byte(strconv.FormatInt(n, 10)), 0o600); err == nil {
+		os.Rename(tmp, final+".size")
+	}
+}
+
+// size is the recorded disk usage of the layer at final, walking it if
+// nothing was recorded.
+func size(final string) int64 {
+	if b, err := os.ReadFile(final + ".size"); err == nil {
+		if n, err := strconv.ParseInt(string(b), 10, 64); err == nil && n >= 0 {
+			return n
+		}
+	}
+	n := du(final)
+	writeSize(final, n)
+	return n
 }

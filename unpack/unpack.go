@@ -35,16 +35,44 @@ const (
 	xattrPAXPrefix         = "SCHILY.xattr."
 )
 
+// Option configures Tar and NewStore.
+type Option func(*config)
+
+type config struct {
+	opaqueXattr   string
+	fileWhiteouts bool
+}
+
+// WithOpaqueXattr sets the xattr that marks opaque directories. The
+// default is "trusted.overlay.opaque" (kernel overlayfs); fuse-overlayfs
+// run unprivileged reads "user.overlay.opaque".
+func WithOpaqueXattr(name string) Option { return func(c *config) { c.opaqueXattr = name } }
+
+// WithFileWhiteouts keeps whiteouts as the empty ".wh.NAME" and
+// ".wh..wh..opq" files of the layer (which fuse-overlayfs understands)
+// instead of 0/0 character devices, which need CAP_MKNOD. Off by default.
+func WithFileWhiteouts(b bool) Option { return func(c *config) { c.fileWhiteouts = b } }
+
+func newConfig(opts []Option) config {
+	c := config{opaqueXattr: "trusted.overlay.opaque"}
+	for _, o := range opts {
+		o(&c)
+	}
+	return c
+}
+
 // Tar unpacks the uncompressed layer tar read from r into dir, an existing
 // directory. Entries that name the layer root ("", ".", "/") set the root's
 // metadata. Tar stops at the first error; dir then holds a partial layer.
-func Tar(r io.Reader, dir string) error {
+// Run unprivileged, it keeps the caller as owner and skips device nodes
+// and xattrs outside the user.* namespace, which need privileges.
+func Tar(r io.Reader, dir string, opts ...Option) error {
 	root, err := unix.Open(dir, unix.O_DIRECTORY|unix.O_RDONLY|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return fmt.Errorf("open layer directory %s: %w", dir, err)
 	}
 	defer unix.Close(root)
-	u := &unpacker{root: root, root0: os.Geteuid() == 0}
+	u := &unpacker{root: root, root0: os.Geteuid() == 0, cfg: newConfig(opts)}
 	tr := tar.NewReader(r)
 	for {
 		h, err := tr.Next()
@@ -64,6 +92,7 @@ func Tar(r io.Reader, dir string) error {
 type unpacker struct {
 	root  int  // the layer directory
 	root0 bool // running as root: ownership and devices can be set
+	cfg   config
 	dirs  []dirTime
 }
 
@@ -143,7 +172,12 @@ func (u *unpacker) entry(h *tar.Header, body io.Reader) error {
 
 	switch {
 	case base == opaqueMarker:
-		return unix.Setxattr(fdPath(pfd, ""), "trusted.overlay.opaque", []byte("y"), 0)
+		if u.cfg.fileWhiteouts {
+			if err := u.emptyFile(pfd, base); err != nil {
+				return err
+			}
+		}
+		return unix.Setxattr(fdPath(pfd, ""), u.cfg.opaqueXattr, []byte("y"), 0)
 	case strings.HasPrefix(base, whiteoutPrefix+whiteoutPrefix):
 		return nil // other AUFS metadata (.wh..wh..plnk etc.)
 	case strings.HasPrefix(base, whiteoutPrefix):
@@ -153,6 +187,9 @@ func (u *unpacker) entry(h *tar.Header, body io.Reader) error {
 		}
 		if err := removeExisting(pfd, name, false); err != nil {
 			return err
+		}
+		if u.cfg.fileWhiteouts {
+			return u.emptyFile(pfd, base)
 		}
 		if err := unix.Mknodat(pfd, name, unix.S_IFCHR, 0); err != nil {
 			return fmt.Errorf("whiteout: %w", err)
@@ -219,12 +256,27 @@ func (u *unpacker) entry(h *tar.Header, body io.Reader) error {
 		}
 		dev := int(unix.Mkdev(uint32(h.Devmajor), uint32(h.Devminor)))
 		if err := unix.Mknodat(pfd, base, mode|0o600, dev); err != nil {
+			if !u.root0 && errors.Is(err, unix.EPERM) && h.Typeflag != tar.TypeFifo {
+				return nil // devices need CAP_MKNOD: left out, as rootless unpackers do
+			}
 			return err
 		}
 	default:
 		return nil // tar-internal or unknown entry types carry no file
 	}
 	return u.meta(pfd, base, h, h.Typeflag != tar.TypeDir)
+}
+
+// emptyFile creates an empty mode-0 file base in pfd (a whiteout marker).
+func (u *unpacker) emptyFile(pfd int, base string) error {
+	if err := removeExisting(pfd, base, false); err != nil {
+		return err
+	}
+	fd, err := unix.Openat(pfd, base, unix.O_WRONLY|unix.O_CREAT|unix.O_EXCL|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("whiteout: %w", err)
+	}
+	return unix.Close(fd)
 }
 
 // removeExisting makes room for a new entry named base: a later entry
@@ -349,6 +401,9 @@ func setXattrs(p string, h *tar.Header) error {
 		if err := unix.Lsetxattr(p, name, []byte(h.PAXRecords[k]), 0); err != nil {
 			if (errors.Is(err, unix.EPERM) || errors.Is(err, unix.ENOTSUP)) && h.Typeflag != tar.TypeReg && h.Typeflag != tar.TypeDir {
 				continue // user.* xattrs are not allowed on symlinks and devices
+			}
+			if errors.Is(err, unix.EPERM) && os.Geteuid() != 0 && !strings.HasPrefix(name, "user.") {
+				continue // trusted.* and security.* need privileges
 			}
 			return fmt.Errorf("set xattr %s: %w", name, err)
 		}

@@ -180,6 +180,19 @@ func TestTar(t *testing.T) {
 			isFile("opq/new", "n", 0o644, 0, 0),
 			xattr("implied2", "trusted.overlay.opaque", "y"),
 		}, false},
+		{"file whiteouts for fuse-overlayfs", []lt.Entry{
+			lt.Dir("a"),
+			lt.FileString("a/gone", "replaced by its whiteout"),
+			lt.Whiteout("a/gone"),
+			lt.Dir("opq"),
+			lt.Opaque("opq"),
+		}, []check{
+			isFile("a/.wh.gone", "", 0, 0, 0),
+			missing("a/gone"),
+			isFile("opq/.wh..wh..opq", "", 0, 0, 0),
+			xattr("opq", "user.overlay.opaque", "y"),
+			xattr("opq", "trusted.overlay.opaque", ""),
+		}, false},
 		{"later entries replace earlier ones", []lt.Entry{
 			lt.FileString("f2d", "file"),
 			lt.Dir("f2d"),
@@ -249,7 +262,11 @@ func TestTar(t *testing.T) {
 			if err := os.MkdirAll(layer, 0o755); err != nil {
 				t.Fatal(err)
 			}
-			err := Tar(bytes.NewReader(lt.Tar(tt.entries...)), layer)
+			var opts []Option
+			if tt.name == "file whiteouts for fuse-overlayfs" {
+				opts = []Option{WithFileWhiteouts(true), WithOpaqueXattr("user.overlay.opaque")}
+			}
+			err := Tar(bytes.NewReader(lt.Tar(tt.entries...)), layer, opts...)
 			if (err != nil) != tt.wantErr {
 				t.Fatalf("Tar: %v, want error %v", err, tt.wantErr)
 			}
@@ -406,5 +423,53 @@ func BenchmarkStore(b *testing.B) {
 		}, gunzip); err != nil {
 			b.Fatal(err)
 		}
+	}
+}
+
+func TestStoreHoldPrune(t *testing.T) {
+	needRoot(t)
+	s := NewStore(t.TempDir())
+	var dgsts []string
+	for i := range 3 {
+		blob := gzipped(t, lt.Tar(lt.File(fmt.Sprint(i), lt.Random(fmt.Sprint(i), 64<<10))))
+		d := digestOf(blob)
+		release, err := s.Hold(d)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := s.Layer(context.Background(), d, func(context.Context) (io.ReadCloser, error) {
+			return io.NopCloser(bytes.NewReader(blob)), nil
+		}, gunzip); err != nil {
+			t.Fatal(err)
+		}
+		if i != 1 {
+			release()
+		} else {
+			t.Cleanup(release)
+		}
+		dgsts = append(dgsts, d)
+		time.Sleep(20 * time.Millisecond) // distinct last-use times
+	}
+	ls, err := s.Layers()
+	if err != nil || len(ls) != 3 {
+		t.Fatalf("Layers = %v, %v", ls, err)
+	}
+	for i, l := range ls {
+		if l.Digest != dgsts[i] || l.InUse != (i == 1) || l.Bytes < 64<<10 {
+			t.Errorf("layer %d = %+v", i, l)
+		}
+	}
+	if _, err := s.Remove(dgsts[1]); !errors.Is(err, ErrBusy) {
+		t.Errorf("Remove of a held layer: %v", err)
+	}
+	// Down to one layer's worth: the oldest unheld goes first, then the
+	// next unheld; the held one stays.
+	freed, err := s.Prune(ls[1].Bytes)
+	if err != nil || freed < 2*(64<<10) {
+		t.Errorf("Prune freed %d, %v", freed, err)
+	}
+	ls, _ = s.Layers()
+	if len(ls) != 1 || ls[0].Digest != dgsts[1] {
+		t.Errorf("after Prune: %+v", ls)
 	}
 }
