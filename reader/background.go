@@ -158,9 +158,18 @@ func FetchAll(ctx context.Context, layers []*Layer, opts ...BackgroundOption) er
 // at a time.
 func (l *Layer) fetchRest(ctx context.Context, o bgOptions, tb *bucket) error {
 	units := l.index()
-	// Chunks in the disk cache from an earlier mount are not kept in this
-	// one, but need no fetching either.
-	have := func(i int) bool { return l.isKept(i) || l.cache.has(l.key(units[i].c)) }
+	// Chunks in the disk cache from an earlier mount need no fetching:
+	// they are local, so they count as kept.
+	have := func(i int) bool {
+		if l.isKept(i) {
+			return true
+		}
+		if l.cache.has(l.key(units[i].c)) {
+			l.mark(units[i].c)
+			return true
+		}
+		return false
+	}
 	g, gctx := errgroup.WithContext(ctx)
 	g.SetLimit(o.parallel)
 	for i := 0; i < len(units); {
