@@ -25,7 +25,7 @@ func fastFlags() []cli.Flag {
 	return []cli.Flag{
 		&cli.BoolFlag{Name: "prefetch", Value: true, Usage: "fetch each layer's prioritized files (those before .prefetch.landmark) in one request before the mount is ready; --prefetch=false to skip"},
 		&cli.DurationFlag{Name: "prefetch-timeout", Value: 10 * time.Second, Usage: "report the mount ready after at most `DURATION` of prefetching; prefetching goes on"},
-		&cli.BoolFlag{Name: "background-fetch", Value: true, Usage: "once the mount is ready, fetch the rest of every layer at low priority; --background-fetch=false to skip"},
+		&cli.BoolFlag{Name: "background-fetch", Value: true, Usage: "once the mount is ready, fetch the rest of every layer at low priority, in the pauses of the workload (after 500ms without a request); --background-fetch=false to skip"},
 		&cli.StringFlag{Name: "background-bandwidth", Value: "0", Usage: "cap background fetching at `SIZE` per second (64MiB, 10MB); 0 is no cap"},
 		&cli.StringFlag{Name: "metrics-addr", Usage: "serve Prometheus metrics at http://`HOST:PORT`/metrics (loopback addresses only)"},
 		&cli.StringFlag{Name: "record", Usage: "at unmount, write to `FILE` the paths read in each layer, in order of first read (JSON)"},

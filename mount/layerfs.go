@@ -101,6 +101,7 @@ func (n node) Attr(ctx context.Context, a *fuse.Attr) error {
 
 // Lookup implements fs.NodeRequestLookuper.
 func (n node) Lookup(ctx context.Context, req *fuse.LookupRequest, resp *fuse.LookupResponse) (fs.Node, error) {
+	n.fs.layer.Touch()
 	c, ok := n.n.Lookup(req.Name)
 	if !ok {
 		return nil, syscall.ENOENT
@@ -111,6 +112,7 @@ func (n node) Lookup(ctx context.Context, req *fuse.LookupRequest, resp *fuse.Lo
 
 // ReadDirAll implements fs.HandleReadDirAller.
 func (n node) ReadDirAll(ctx context.Context) ([]fuse.Dirent, error) {
+	n.fs.layer.Touch()
 	if !n.n.IsDir() {
 		return nil, syscall.ENOTDIR
 	}
@@ -150,6 +152,7 @@ func direntType(m os.FileMode) fuse.DirentType {
 // Open implements fs.NodeOpener. Content never changes, so the kernel keeps
 // its page cache across opens.
 func (n node) Open(ctx context.Context, req *fuse.OpenRequest, resp *fuse.OpenResponse) (fs.Handle, error) {
+	n.fs.layer.Touch()
 	if !req.Flags.IsReadOnly() {
 		return nil, syscall.EROFS
 	}
@@ -162,6 +165,7 @@ func (n node) Open(ctx context.Context, req *fuse.OpenRequest, resp *fuse.OpenRe
 // Read implements fs.HandleReader. Failures are logged here, once, and
 // reach the caller as EIO.
 func (n node) Read(ctx context.Context, req *fuse.ReadRequest, resp *fuse.ReadResponse) error {
+	n.fs.layer.Touch()
 	// Most reads lie within one chunk: answer with the cached chunk's
 	// bytes, uncopied (bazil copies them into its reply).
 	data, err := n.fs.layer.ReadSlice(ctx, n.n, req.Offset, req.Size)

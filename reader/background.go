@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/sync/errgroup"
@@ -13,23 +14,42 @@ import (
 // Demand counts the on-demand fetches in flight in the layers sharing it,
 // so background fetching can get out of their way. Share one Demand
 // between all layers of a mount (WithDemand); the default is one per layer.
+//
+// It also notes when the layers were last used at all (Touch), so that
+// background fetching starts only once the workload pauses: a program
+// starting up reads mostly cached files and makes no fetch, but it needs
+// the CPU that decoding background chunks would take.
 type Demand struct {
 	mu   sync.Mutex    // guards n, idle, busy and last
 	n    int           // on-demand fetches in flight
 	idle chan struct{} // closed while n == 0
 	busy chan struct{} // closed while n > 0
 	last time.Time     // when n last dropped to 0
+
+	used atomic.Int64 // when the layers were last used, Unix nanoseconds
 }
 
-// NewDemand returns a Demand with nothing in flight.
+// NewDemand returns a Demand with nothing in flight, used now.
 func NewDemand() *Demand {
 	idle := make(chan struct{})
 	close(idle)
-	return &Demand{idle: idle, busy: make(chan struct{})}
+	d := &Demand{idle: idle, busy: make(chan struct{})}
+	d.Touch()
+	return d
 }
+
+// Touch notes that the layers are being used (a lookup, an open, a read).
+func (d *Demand) Touch() { d.used.Store(time.Now().UnixNano()) }
+
+// sinceUsed is how long ago the layers were last used.
+func (d *Demand) sinceUsed() time.Duration { return time.Duration(time.Now().UnixNano() - d.used.Load()) }
 
 // WithDemand shares d between layers. The default is a Demand per layer.
 func WithDemand(d *Demand) Option { return func(o *options) { o.demand = d } }
+
+// Touch notes that the layer is being used (see Demand.Touch); the mount
+// calls it for every request it serves.
+func (l *Layer) Touch() { l.demand.Touch() }
 
 // begin notes an on-demand fetch; call the result when it is over.
 func (d *Demand) begin() func() {
@@ -52,9 +72,10 @@ func (d *Demand) begin() func() {
 	}
 }
 
-// quiet waits until no on-demand fetch has been in flight for q and returns
-// a channel that is closed when the next one starts.
-func (d *Demand) quiet(ctx context.Context, q time.Duration) (<-chan struct{}, error) {
+// quiet waits until no on-demand fetch has been in flight for q and the
+// layers have not been used for idle, and returns a channel that is closed
+// when the next on-demand fetch starts.
+func (d *Demand) quiet(ctx context.Context, q, idle time.Duration) (<-chan struct{}, error) {
 	for {
 		d.mu.Lock()
 		if d.n > 0 {
@@ -68,7 +89,7 @@ func (d *Demand) quiet(ctx context.Context, q time.Duration) (<-chan struct{}, e
 			}
 		}
 		busy := d.busy
-		left := q - time.Since(d.last)
+		left := max(q-time.Since(d.last), idle-d.sinceUsed())
 		d.mu.Unlock()
 		if left <= 0 {
 			return busy, nil
@@ -92,6 +113,7 @@ type bgOptions struct {
 	bandwidth int64
 	rangeSize int64
 	quiet     time.Duration
+	idle      time.Duration
 	parallel  int
 }
 
@@ -114,6 +136,12 @@ func WithParallel(n int) BackgroundOption { return func(o *bgOptions) { o.parall
 // before background fetching (re)starts. The default is 20 ms.
 func WithQuiet(d time.Duration) BackgroundOption { return func(o *bgOptions) { o.quiet = d } }
 
+// WithIdle sets how long the layers must not have been used at all (see
+// Demand.Touch) before a background request starts. The default is 500 ms:
+// background fetching waits while a program starts up or works through
+// files, and runs in its pauses.
+func WithIdle(d time.Duration) BackgroundOption { return func(o *bgOptions) { o.idle = d } }
+
 // errPreempted is a background read cut short by an on-demand fetch.
 var errPreempted = errors.New("preempted by an on-demand read")
 
@@ -124,7 +152,7 @@ var errPreempted = errors.New("preempted by an on-demand read")
 // so an on-demand read waits for at most what is already on the wire.
 // It returns when every layer is complete, ctx is done, or a layer fails.
 func FetchAll(ctx context.Context, layers []*Layer, opts ...BackgroundOption) error {
-	o := bgOptions{rangeSize: 4 << 20, quiet: 20 * time.Millisecond, parallel: 2}
+	o := bgOptions{rangeSize: 4 << 20, quiet: 20 * time.Millisecond, idle: 500 * time.Millisecond, parallel: 2}
 	for _, opt := range opts {
 		opt(&o)
 	}
@@ -199,7 +227,7 @@ func (l *Layer) fetchRest(ctx context.Context, o bgOptions, tb *bucket) error {
 func (l *Layer) fetchRange(ctx context.Context, o bgOptions, tb *bucket, i, j int, start, end int64) error {
 	units := l.index()
 	for failures := 0; ; {
-		busy, err := l.demand.quiet(ctx, o.quiet)
+		busy, err := l.demand.quiet(ctx, o.quiet, o.idle)
 		if err != nil {
 			return err
 		}
@@ -230,7 +258,7 @@ func (l *Layer) fetchRange(ctx context.Context, o bgOptions, tb *bucket, i, j in
 				continue
 			}
 			// Decoding takes CPU an on-demand read may need: wait for it.
-			if _, err := l.demand.quiet(ctx, 0); err != nil {
+			if _, err := l.demand.quiet(ctx, 0, 0); err != nil {
 				return err
 			}
 			data, err := decode(c, comp[c.blobOff-start:c.blobEnd-start])

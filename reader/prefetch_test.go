@@ -219,7 +219,7 @@ func TestBackgroundYieldsToDemand(t *testing.T) {
 	}
 	g.armed.Store(true)
 	done := make(chan error, 1)
-	go func() { done <- FetchAll(context.Background(), []*Layer{l}, WithRangeSize(64<<20), WithQuiet(0)) }()
+	go func() { done <- FetchAll(context.Background(), []*Layer{l}, WithRangeSize(64<<20), WithQuiet(0), WithIdle(0)) }()
 	<-g.bgStarted
 	// An on-demand read while the background read is on the wire.
 	if got := readAll(t, l, lookup(t, l, "p4")); !bytes.Equal(got, files["p4"]) {
@@ -246,6 +246,45 @@ func TestBackgroundYieldsToDemand(t *testing.T) {
 	}
 	if !l.Stats().Complete {
 		t.Errorf("not complete after FetchAll: %+v", l.Stats())
+	}
+}
+
+// TestBackgroundWaitsForIdle: while the layer is in use (lookups and
+// reads of cached files, no fetch), background fetching does not start;
+// once use pauses for the idle time, it does.
+func TestBackgroundWaitsForIdle(t *testing.T) {
+	blob, d, _ := prioritized(t, []string{"p0"})
+	l, err := Open(context.Background(), blob, WithTOCDigest(d), WithCache(NewCache(64<<20)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := l.Prefetch(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	p0 := lookup(t, l, "p0")
+	blob.reads.Store(0)
+	const idle = 200 * time.Millisecond
+	done := make(chan error, 1)
+	start := time.Now()
+	go func() { done <- FetchAll(context.Background(), []*Layer{l}, WithIdle(idle)) }()
+	var stopped time.Time
+	for time.Since(start) < 3*idle {
+		stopped = time.Now()
+		l.Touch()
+		readAll(t, l, p0)
+		time.Sleep(idle / 10)
+	}
+	if r := blob.reads.Load(); r != 0 {
+		t.Errorf("%d background requests while the layer was in use", r)
+	}
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	if took := time.Since(stopped); took < idle {
+		t.Errorf("background fetch finished %v after use stopped, before the %v idle time", took, idle)
+	}
+	if !l.Stats().Complete {
+		t.Errorf("not complete: %+v", l.Stats())
 	}
 }
 
