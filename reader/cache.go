@@ -124,6 +124,18 @@ func (c *Cache) has(key string) bool {
 	return ok
 }
 
+// inMemory reports whether key is in memory, without counting it as a use.
+func (c *Cache) inMemory(key string) bool {
+	c.mu.Lock()
+	_, ok := c.index[key]
+	c.mu.Unlock()
+	if ok {
+		return true
+	}
+	_, ok = c.c.GetTTL(key) // ristretto: no access recorded
+	return ok
+}
+
 func (c *Cache) getMemory(key string) ([]byte, bool) {
 	c.mu.Lock()
 	if el, ok := c.index[key]; ok {

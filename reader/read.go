@@ -79,7 +79,8 @@ type fetchTable struct {
 	failed   map[string]failure  // by chunk key
 	seq      map[*Node]*seqState // by file being read
 
-	ahead atomic.Int64 // compressed bytes of read-ahead fetches in flight
+	ahead   atomic.Int64 // compressed bytes of read-ahead fetches in flight
+	loading atomic.Int64 // bytes of read-ahead store loads in flight
 }
 
 // call is one chunk's fetch; done is closed when data or err is set.

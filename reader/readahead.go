@@ -19,6 +19,11 @@ const (
 	aheadStreak = 2
 	// Files whose read state is kept; past it the state is dropped.
 	maxSeqFiles = 1024
+	// Chunks ahead of a sequential reader that are in the disk store are
+	// loaded into memory up to loadWindow file bytes ahead (at most a
+	// quarter of the fresh tier), loadInFlight bytes at a time per layer.
+	loadWindow   = 16 << 20
+	loadInFlight = 16 << 20
 )
 
 // seqState is what is known about how one file is being read.
@@ -26,13 +31,13 @@ type seqState struct {
 	next   int64 // end of the last read
 	streak int   // sequential reads in a row
 	ahead  int64 // file offset up to which read-ahead was started
+	loaded int64 // file offset up to which store loads were started
 }
 
 // noteRead records a read of size bytes at off in n and, when the file is
 // being read sequentially, starts fetching the chunks ahead.
 func (l *Layer) noteRead(n *Node, off, size int64) {
-	window := min(int64(aheadWindow), l.cache.max/2)
-	if window < aheadRequest || len(n.chunks) < 2 {
+	if len(n.chunks) < 2 {
 		return
 	}
 	t := &l.fetches
@@ -53,6 +58,11 @@ func (l *Layer) noteRead(n *Node, off, size int64) {
 	}
 	s.next = max(s.next, off+size)
 	if s.streak < aheadStreak {
+		return
+	}
+	l.loadAheadLocked(n, s, off+size)
+	window := min(int64(aheadWindow), l.cache.max/2)
+	if window < aheadRequest {
 		return
 	}
 	from := max(s.ahead, off+size)
@@ -78,4 +88,33 @@ func (l *Layer) noteRead(n *Node, off, size int64) {
 		}()
 	}
 	s.ahead = max(s.ahead, from)
+}
+
+// loadAheadLocked starts loading the chunks of n from the store that lie
+// within the load window after off and are neither in memory nor being
+// fetched, so that a sequential reader of a file the disk cache holds finds
+// its next chunks in memory instead of waiting for the disk chunk by chunk.
+// The caller holds l.fetches.mu.
+func (l *Layer) loadAheadLocked(n *Node, s *seqState, off int64) {
+	if l.cache.store == nil {
+		return
+	}
+	t := &l.fetches
+	to := min(n.Size, off+min(loadWindow, l.cache.max/4))
+	from := max(s.loaded, off)
+	i := sort.Search(len(n.chunks), func(i int) bool { return n.chunks[i].off+n.chunks[i].size > from })
+	for ; i < len(n.chunks) && n.chunks[i].off < to && t.loading.Load() < loadInFlight; i++ {
+		c := &n.chunks[i]
+		from = c.off + c.size
+		key := l.key(c)
+		if t.inflight[key] != nil || l.cache.inMemory(key) {
+			continue
+		}
+		t.loading.Add(c.size)
+		go func() {
+			defer t.loading.Add(-c.size)
+			l.cache.getStore(key)
+		}()
+	}
+	s.loaded = max(s.loaded, from)
 }

@@ -7,6 +7,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	lt "github.com/stargz-mount/stargz-mount/internal/layertest"
 )
@@ -108,4 +109,50 @@ func TestStore(t *testing.T) {
 			t.Error("the damaged TOC was used without fetching it again")
 		}
 	})
+}
+
+// TestStoreLoadAhead: a sequential reader of a file the store holds gets
+// the following chunks loaded from the store before it asks for them.
+func TestStoreLoadAhead(t *testing.T) {
+	data := lt.Random("data", 700_000)
+	blob, d := build(t, 64<<10, lt.File("f", data))
+	st := &mapStore{m: map[string][]byte{}}
+	const name = "sha256:2222"
+	c := NewCache(8<<20, WithStore(st))
+	first := open(t, blob, d, WithName(name), WithCache(c))
+	readAll(t, first, lookup(t, first, "f"))
+	c.Close()
+
+	c = NewCache(8<<20, WithStore(st))
+	defer c.Close()
+	l, err := Open(context.Background(), deadBlob{int64(len(blob.data))}, WithTOCDigest(d), WithName(name), WithCache(c))
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := lookup(t, l, "f")
+	st.mu.Lock()
+	before := st.gets
+	st.mu.Unlock()
+	buf := make([]byte, 64<<10)
+	for off := int64(0); off < 3*64<<10; off += 64 << 10 {
+		if _, err := l.ReadAt(context.Background(), f, buf, off); err != nil {
+			t.Fatal(err)
+		}
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		st.mu.Lock()
+		gets := st.gets - before
+		st.mu.Unlock()
+		if gets >= 8 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d store reads after reading 3 chunks sequentially; want the chunks ahead loaded too", gets)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if got := readAll(t, l, f); !bytes.Equal(got, data) {
+		t.Error("wrong bytes")
+	}
 }
