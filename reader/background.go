@@ -42,7 +42,9 @@ func NewDemand() *Demand {
 func (d *Demand) Touch() { d.used.Store(time.Now().UnixNano()) }
 
 // sinceUsed is how long ago the layers were last used.
-func (d *Demand) sinceUsed() time.Duration { return time.Duration(time.Now().UnixNano() - d.used.Load()) }
+func (d *Demand) sinceUsed() time.Duration {
+	return time.Duration(time.Now().UnixNano() - d.used.Load())
+}
 
 // WithDemand shares d between layers. The default is a Demand per layer.
 func WithDemand(d *Demand) Option { return func(o *options) { o.demand = d } }

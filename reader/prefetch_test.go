@@ -219,7 +219,9 @@ func TestBackgroundYieldsToDemand(t *testing.T) {
 	}
 	g.armed.Store(true)
 	done := make(chan error, 1)
-	go func() { done <- FetchAll(context.Background(), []*Layer{l}, WithRangeSize(64<<20), WithQuiet(0), WithIdle(0)) }()
+	go func() {
+		done <- FetchAll(context.Background(), []*Layer{l}, WithRangeSize(64<<20), WithQuiet(0), WithIdle(0))
+	}()
 	<-g.bgStarted
 	// An on-demand read while the background read is on the wire.
 	if got := readAll(t, l, lookup(t, l, "p4")); !bytes.Equal(got, files["p4"]) {
