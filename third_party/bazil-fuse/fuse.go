@@ -213,7 +213,13 @@ func initMount(c *Conn, conf *mountConfig) error {
 	c.proto = proto
 
 	c.flags = r.Flags & (InitBigWrites | InitParallelDirOps | conf.initFlags)
+	var maxPages uint16
+	if conf.maxPages > 0 && r.Flags&InitMaxPages != 0 {
+		c.flags |= InitMaxPages
+		maxPages = conf.maxPages
+	}
 	s := &initResponse{
+		MaxPages:            maxPages,
 		Library:             proto,
 		MaxReadahead:        conf.maxReadahead,
 		Flags:               c.flags,
@@ -1435,6 +1441,8 @@ type initResponse struct {
 	// Maximum size of a single write operation.
 	// Linux enforces a minimum of 4 KiB.
 	MaxWrite uint32
+	// Maximum number of pages in one request, with InitMaxPages in Flags.
+	MaxPages uint16
 }
 
 func (r *initResponse) String() string {
@@ -1452,6 +1460,7 @@ func (r *initRequest) Respond(resp *initResponse) {
 	out.MaxBackground = resp.MaxBackground
 	out.CongestionThreshold = resp.CongestionThreshold
 	out.MaxWrite = resp.MaxWrite
+	out.MaxPages = resp.MaxPages
 
 	// MaxWrite larger than our receive buffer would just lead to
 	// errors on large writes.
