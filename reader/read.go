@@ -148,7 +148,7 @@ func (l *Layer) chunk(ctx context.Context, n *Node, i int) ([]byte, error) {
 				t.mu.Unlock()
 				return nil, fmt.Errorf("read %s %s at %d: %w", l.name, n.Path(), c.off, f.err)
 			}
-			p := l.planLocked(n, i, runBytes, false)
+			p := l.planLocked(n, i, c.off+2*runBytes, runBytes, false)
 			cl = p.calls[0]
 			t.mu.Unlock()
 			go l.run(p)
@@ -175,11 +175,13 @@ func (l *Layer) chunk(ctx context.Context, n *Node, i int) ([]byte, error) {
 	}
 }
 
-// planLocked plans a fetch starting at chunk i of n and registers its
+// planLocked plans a fetch of at most limit compressed bytes starting at
+// chunk i of n, looking no further than file offset end, and registers its
 // calls as in flight. A read's plan always holds chunk i; a read-ahead's
-// skips leading chunks that are cached or in flight and may be empty. The
-// caller holds l.fetches.mu.
-func (l *Layer) planLocked(n *Node, i int, limit int64, ahead bool) *plan {
+// skips leading chunks that are cached or in flight and may be empty.
+// Bounding the look by end matters: every chunk looked at may cost a stat
+// of the disk cache. The caller holds l.fetches.mu.
+func (l *Layer) planLocked(n *Node, i int, end, limit int64, ahead bool) *plan {
 	t := &l.fetches
 	if t.inflight == nil {
 		t.inflight = map[string]*call{}
@@ -187,7 +189,7 @@ func (l *Layer) planLocked(n *Node, i int, limit int64, ahead bool) *plan {
 	}
 	p := &plan{n: n, ahead: ahead}
 	now := time.Now()
-	for j := i; j < len(n.chunks); j++ {
+	for j := i; j < len(n.chunks) && (j == i || n.chunks[j].off < end); j++ {
 		c := &n.chunks[j]
 		key := l.key(c)
 		if j > i || ahead {

@@ -75,9 +75,10 @@ func (l *Layer) noteRead(n *Node, off, size int64) {
 		if i >= len(n.chunks) {
 			break
 		}
-		p := l.planLocked(n, i, aheadRequest, true)
+		p := l.planLocked(n, i, to, aheadRequest, true)
 		if len(p.chunks) == 0 {
-			break // nothing left to fetch in this file
+			from = to // nothing left to fetch up to the window's end
+			break
 		}
 		last := &n.chunks[p.chunks[len(p.chunks)-1]]
 		from = last.off + last.size
