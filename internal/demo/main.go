@@ -32,14 +32,15 @@ func main() {
 	addr := flag.String("addr", "127.0.0.1:0", "registry listen `address`")
 	base := flag.String("base", "testdata/demo/rootfs", "`DIR` packed as the bottom layer")
 	top := flag.String("top", "", "`DIR` packed as the top layer")
+	chunk := flag.Int("chunk", 64<<10, "eStargz chunk size in `BYTES`")
 	flag.Parse()
-	if err := run(*addr, *base, *top); err != nil {
+	if err := run(*addr, *base, *top, *chunk); err != nil {
 		fmt.Fprintln(os.Stderr, "demo:", err)
 		os.Exit(1)
 	}
 }
 
-func run(addr, base, top string) error {
+func run(addr, base, top string, chunk int) error {
 	var blobs []*layertest.Blob
 	for _, dir := range []string{base, top} {
 		if dir == "" {
@@ -49,7 +50,7 @@ func run(addr, base, top string) error {
 		if err != nil {
 			return err
 		}
-		b, err := layertest.Estargz(t, estargz.WithChunkSize(64<<10))
+		b, err := layertest.Estargz(t, estargz.WithChunkSize(chunk))
 		if err != nil {
 			return fmt.Errorf("convert %s to eStargz: %w", dir, err)
 		}
