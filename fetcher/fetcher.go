@@ -266,6 +266,13 @@ func resolve(ctx context.Context, r name.Reference, base http.RoundTripper, o *o
 			return im.fill(res.Digest, m, cfg)
 		}
 	}
+	// Authenticate for blob reads while the manifest is fetched: it is
+	// a round trip or two of its own (ping, token).
+	authed := make(chan error, 1)
+	go func() {
+		_, err := lazy.get(ctx)
+		authed <- err
+	}()
 	m, cfg, dgst, err := resolveRemote(ctx, r, platform, o, base)
 	if err != nil {
 		var fe *Error
@@ -279,9 +286,8 @@ func resolve(ctx context.Context, r name.Reference, base http.RoundTripper, o *o
 		return nil, err
 	}
 
-	// Authenticate now, so that a denied pull fails here and not at the
-	// first read.
-	if _, err := lazy.get(ctx); err != nil {
+	// A denied pull fails here, not at the first read.
+	if err := <-authed; err != nil {
 		return nil, classify("authenticate", r.String(), err)
 	}
 	return im.fill(dgst.String(), m, cfg)
