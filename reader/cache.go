@@ -45,7 +45,19 @@ type Cache struct {
 	recent    *list.List // of *entry, most recent first
 	index     map[string]*list.Element
 	used, max int64
+
+	// Store writes happen in the background, so that a read does not
+	// wait for the disk; past maxQueued bytes queued, set writes itself.
+	wmu     sync.Mutex        // guards pending, queued and closed
+	pending map[string][]byte // by store key: chunks queued for the store
+	queued  int64             // bytes in pending
+	closed  bool
+	writes  chan string // store keys of pending, in order
+	written sync.WaitGroup
 }
+
+// maxQueued bounds the chunk bytes waiting to be written to the store.
+const maxQueued = 32 << 20
 
 type entry struct {
 	key  string
@@ -75,7 +87,60 @@ func NewCache(maxBytes int64, opts ...CacheOption) *Cache {
 	for _, o := range opts {
 		o(cache)
 	}
+	if cache.store != nil {
+		cache.pending = map[string][]byte{}
+		cache.writes = make(chan string, 1024)
+		cache.written.Add(1)
+		go cache.writer()
+	}
 	return cache
+}
+
+// writer writes queued chunks to the store until Close.
+func (c *Cache) writer() {
+	defer c.written.Done()
+	for k := range c.writes {
+		c.wmu.Lock()
+		b := c.pending[k]
+		c.wmu.Unlock()
+		c.store.Put(k, b)
+		c.wmu.Lock()
+		delete(c.pending, k)
+		c.queued -= int64(len(b))
+		c.wmu.Unlock()
+	}
+}
+
+// queue hands b to the writer, or reports false when the queue is full or
+// closed.
+func (c *Cache) queue(k string, b []byte) bool {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	if _, ok := c.pending[k]; ok {
+		return true
+	}
+	if c.closed || c.queued+int64(len(b)) > maxQueued {
+		return false
+	}
+	select {
+	case c.writes <- k:
+	default:
+		return false
+	}
+	c.pending[k] = b
+	c.queued += int64(len(b))
+	return true
+}
+
+// queuedBytes returns the chunk queued for the store under store key k.
+func (c *Cache) queuedBytes(k string) ([]byte, bool) {
+	if c.pending == nil {
+		return nil, false
+	}
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	b, ok := c.pending[k]
+	return b, ok
 }
 
 // storeKey maps a memory key "LAYER@OFF+INNER" to a Store key.
@@ -99,6 +164,10 @@ func (c *Cache) getStore(key string) (b []byte, ok, looked bool) {
 	}
 	// The kernel reads ahead in parallel: the reads of one chunk that
 	// miss together share one store read.
+	if b, ok := c.queuedBytes(storeKey(key)); ok {
+		c.setMemory(key, b)
+		return b, true, true
+	}
 	v, _, _ := c.loads.Do(key, func() (any, error) {
 		b, ok := c.store.Get(storeKey(key))
 		if !ok {
@@ -115,6 +184,9 @@ func (c *Cache) getStore(key string) (b []byte, ok, looked bool) {
 // when the store can tell (a Has(key) bool method).
 func (c *Cache) has(key string) bool {
 	if _, ok := c.getMemory(key); ok {
+		return true
+	}
+	if _, ok := c.queuedBytes(storeKey(key)); ok {
 		return true
 	}
 	if h, ok := c.store.(interface{ Has(string) bool }); ok {
@@ -150,7 +222,7 @@ func (c *Cache) getMemory(key string) ([]byte, bool) {
 // set stores a freshly fetched, verified chunk in memory and in the store.
 func (c *Cache) set(key string, b []byte) {
 	c.setMemory(key, b)
-	if c.store != nil {
+	if c.store != nil && !c.queue(storeKey(key), b) {
 		c.store.Put(storeKey(key), b)
 	}
 }
@@ -181,5 +253,17 @@ func (c *Cache) setMemory(key string, b []byte) {
 	}
 }
 
-// Close releases the cache's goroutines.
-func (c *Cache) Close() { c.c.Close() }
+// Close writes what is queued for the store and releases the cache's
+// goroutines. Close the store after the cache.
+func (c *Cache) Close() {
+	if c.writes != nil {
+		c.wmu.Lock()
+		if !c.closed {
+			c.closed = true
+			close(c.writes)
+		}
+		c.wmu.Unlock()
+		c.written.Wait()
+	}
+	c.c.Close()
+}
