@@ -69,8 +69,12 @@ func (l *Layer) noteRead(n *Node, off, size int64) {
 		if len(p.chunks) == 0 {
 			break // nothing left to fetch in this file
 		}
-		last := &n.chunks[p.chunks[len(p.chunks)-1]]
-		from = last.off + last.size
+		// On past the last chunk of this file the plan holds.
+		for x, c := range p.chunks {
+			if p.owners[x] == n {
+				from = max(from, c.off+c.size)
+			}
+		}
 		t.ahead.Add(p.bytes)
 		go func() {
 			l.run(p)

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"sync"
 	"sync/atomic"
@@ -263,5 +264,34 @@ func TestFailureRemembered(t *testing.T) {
 	time.Sleep(failureMemory + 50*time.Millisecond)
 	if _, err := l.ReadAt(context.Background(), n, p, 0); err != nil || !bytes.Equal(p, content[:100]) {
 		t.Fatalf("ReadAt after the failure expired: %v", err)
+	}
+}
+
+// TestNeighbourFiles: reading the small files of a directory one after the
+// other costs a request per neighbourBytes, not one per file.
+func TestNeighbourFiles(t *testing.T) {
+	entries := []lt.Entry{lt.Dir("many")}
+	want := map[string][]byte{}
+	for i := range 200 {
+		name := fmt.Sprintf("many/f%03d", i)
+		data := lt.Random(name, 100+i*37)
+		want[name] = data
+		entries = append(entries, lt.File(name, data))
+	}
+	blob, d := buildNet(t, 64<<10, entries...)
+	l, err := Open(context.Background(), blob, WithTOCDigest(d))
+	if err != nil {
+		t.Fatal(err)
+	}
+	blob.reset()
+	dir := lookup(t, l, "many")
+	for _, e := range dir.Children() {
+		got := readAll(t, l, e.Node)
+		if !bytes.Equal(got, want["many/"+e.Name]) {
+			t.Fatalf("%s differs", e.Name)
+		}
+	}
+	if r := blob.requests(); len(r) > 3 {
+		t.Errorf("reading 200 small files made %d requests, want at most 3", len(r))
 	}
 }
