@@ -14,6 +14,7 @@ import (
 	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"runtime/debug"
 	"strconv"
 	"strings"
 	"syscall"
@@ -25,6 +26,7 @@ import (
 	"golang.org/x/sync/errgroup"
 
 	"github.com/stargz-mount/stargz-mount/fetcher"
+	"github.com/stargz-mount/stargz-mount/lru"
 	"github.com/stargz-mount/stargz-mount/mount"
 	"github.com/stargz-mount/stargz-mount/reader"
 )
@@ -43,7 +45,7 @@ func newApp() *cli.App {
 	return &cli.App{
 		Name:      "stargz-mount",
 		Usage:     "mount a container image's root filesystem without pulling it",
-		UsageText: "stargz-mount [options] REF MOUNTPOINT\n   stargz-mount umount MOUNTPOINT\n   stargz-mount inspect [--json] REF",
+		UsageText: "stargz-mount [options] REF MOUNTPOINT\n   stargz-mount umount MOUNTPOINT\n   stargz-mount inspect [--json] REF\n   stargz-mount cache ls [--json] | du | prune [--all] [--max SIZE]",
 		Description: `Resolves REF in its OCI registry and mounts the image's root filesystem at
 MOUNTPOINT, an existing empty directory. Only each layer's table of contents is
 fetched up front; file data is fetched, verified and cached when it is read.
@@ -71,6 +73,7 @@ paths at most ` + strconv.Itoa(reader.MaxDepth) + ` directories deep, chunks at 
 				Flags:     []cli.Flag{logLevelFlag()},
 				Action:    umountAction,
 			},
+			cacheCommand(),
 			{
 				Name:      "inspect",
 				Usage:     "show an image's platform and layers without mounting it",
@@ -106,6 +109,7 @@ func mountFlags() []cli.Flag {
 	return []cli.Flag{
 		&cli.StringFlag{Name: "cache-dir", Value: defaultCacheDir(), Usage: "`DIR` for caches and per-mount state"},
 		&cli.StringFlag{Name: "cache-max-memory", Value: "256MiB", Usage: "memory for decompressed file data, in `SIZE` units (64MiB, 1GiB) or bytes"},
+		&cli.StringFlag{Name: "cache-max-disk", Value: "10GiB", Usage: "disk for file data, TOCs and manifests in the cache dir, in `SIZE` units; 0 turns the disk cache off"},
 		&cli.BoolFlag{Name: "daemon", Usage: "return once the mount is ready and serve it in the background, logging to stargz-mount.log in the cache dir"},
 		&cli.BoolFlag{Name: "writable", Usage: "make the rootfs writable; changes live in the state dir and are discarded at unmount"},
 		&cli.StringFlag{Name: "upper", Usage: "writable rootfs keeping changes in `DIR` (with --work, same file system)"},
@@ -273,9 +277,22 @@ func serve(c *cli.Context, ref, target string, ready func(error)) error {
 	if _, err := mount.CheckTarget(target); err != nil {
 		return err
 	}
+	// The memory cache is most of the heap: a soft limit a little above it
+	// makes the GC work harder before RSS passes budget + 64 MiB.
+	debug.SetMemoryLimit(memory + memorySlack)
+	store, err := openStore(c, logger)
+	if err != nil {
+		return err
+	}
+	if store != nil {
+		defer store.Close()
+	}
 	fopts, err := fetchOptions(c, logger)
 	if err != nil {
 		return err
+	}
+	if store != nil {
+		fopts = append(fopts, fetcher.WithMetadataStore(store))
 	}
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
@@ -286,7 +303,19 @@ func serve(c *cli.Context, ref, target string, ready func(error)) error {
 		return err
 	}
 	logger.Debug("resolved", "ref", ref, "digest", img.Digest, "layers", len(img.Layers))
-	cache := reader.NewCache(memory)
+	var copts []reader.CacheOption
+	if store != nil {
+		copts = append(copts, reader.WithStore(store))
+		// Live mounts hold their layers, so `cache prune` leaves them.
+		for _, l := range img.Layers {
+			release, err := store.Hold(l.Digest.String())
+			if err != nil {
+				return err
+			}
+			defer release()
+		}
+	}
+	cache := reader.NewCache(memory, copts...)
 	defer cache.Close()
 	layers, err := openLayers(ctx, img, cache, c.Bool("insecure-skip-verify"), logger)
 	if err != nil {
@@ -315,6 +344,28 @@ func serve(c *cli.Context, ref, target string, ready func(error)) error {
 	}
 	logger.Info("unmounted", "target", m.Target)
 	return nil
+}
+
+// memorySlack is what the process may use beyond --cache-max-memory before
+// the Go runtime collects garbage aggressively: TOC trees, buffers of
+// reads in flight, the runtime itself.
+const memorySlack = 48 << 20
+
+// openStore opens the disk cache in the cache dir, or returns nil when
+// --cache-max-disk is 0.
+func openStore(c *cli.Context, logger *slog.Logger) (*lru.Store, error) {
+	disk, err := parseSize(c.String("cache-max-disk"))
+	if err != nil {
+		return nil, fmt.Errorf("--cache-max-disk: %w", err)
+	}
+	if disk == 0 {
+		return nil, nil
+	}
+	s, err := lru.Open(filepath.Join(c.String("cache-dir"), "chunks"), disk, lru.WithLogger(logger))
+	if err != nil {
+		return nil, fmt.Errorf("--cache-dir: %w", err)
+	}
+	return s, nil
 }
 
 // daemonize starts this command again in the background and waits until it

@@ -42,6 +42,7 @@ type options struct {
 	fetchTimeout  time.Duration
 	stallTimeout  time.Duration
 	maxConcurrent int
+	meta          MetadataStore
 }
 
 type mirror struct{ registry, mirror string }
@@ -245,6 +246,51 @@ func resolve(ctx context.Context, r name.Reference, base http.RoundTripper, o *o
 		}
 	}
 
+	im := &Image{
+		Ref:    r,
+		repo:   r.Context(),
+		scheme: scheme(r.Context().Registry, o.plainHTTP),
+		logger: o.logger,
+
+		fetchTimeout: o.fetchTimeout,
+		stallTimeout: o.stallTimeout,
+		limits:       &hostLimits{n: o.maxConcurrent},
+	}
+	lazy := &lazyTransport{repo: r.Context(), keychain: o.keychain, base: base}
+	im.client = &http.Client{Transport: lazy}
+
+	// By digest, a cached manifest is as good as the registry's.
+	if _, byDigest := r.(name.Digest); byDigest && o.meta != nil {
+		if res, m, cfg, ok := recall(o.meta, r, platform); ok {
+			o.logger.Debug("resolved from the metadata cache", "ref", r.String(), "digest", res.Digest)
+			return im.fill(res.Digest, m, cfg)
+		}
+	}
+	m, cfg, dgst, err := resolveRemote(ctx, r, platform, o, base)
+	if err != nil {
+		var fe *Error
+		if _, byTag := r.(name.Tag); byTag && o.meta != nil && errors.As(err, &fe) && fe.Kind == KindUnreachable {
+			if res, m, cfg, ok := recall(o.meta, r, platform); ok {
+				o.logger.Warn("registry unreachable: using the digest this tag resolved to before",
+					"ref", r.String(), "digest", res.Digest, "resolved", res.Resolved.Format(time.RFC3339), "err", err)
+				return im.fill(res.Digest, m, cfg)
+			}
+		}
+		return nil, err
+	}
+
+	// Authenticate now, so that a denied pull fails here and not at the
+	// first read.
+	if _, err := lazy.get(ctx); err != nil {
+		return nil, classify("authenticate", r.String(), err)
+	}
+	return im.fill(dgst.String(), m, cfg)
+}
+
+// resolveRemote fetches r's manifest (picking the platform from an index)
+// and config from the registry, and remembers them in o.meta.
+func resolveRemote(ctx context.Context, r name.Reference, platform *v1.Platform, o *options, base http.RoundTripper) (*v1.Manifest, *v1.ConfigFile, v1.Hash, error) {
+	var none v1.Hash
 	ropts := []remote.Option{
 		remote.WithContext(ctx),
 		remote.WithAuthFromKeychain(o.keychain),
@@ -253,55 +299,46 @@ func resolve(ctx context.Context, r name.Reference, base http.RoundTripper, o *o
 	}
 	desc, err := remote.Get(r, ropts...)
 	if err != nil {
-		return nil, classify("fetch manifest", r.String(), err)
+		return nil, nil, none, classify("fetch manifest", r.String(), err)
 	}
 	// For an index, Image picks the manifest of the platform asked for.
 	img, err := desc.Image()
 	if err != nil {
-		return nil, classify(fmt.Sprintf("pick %s", platformString(platform)), r.String(), err)
+		return nil, nil, none, classify(fmt.Sprintf("pick %s", platformString(platform)), r.String(), err)
 	}
 	m, err := img.Manifest()
 	if err != nil {
-		return nil, classify("read manifest", r.String(), err)
+		return nil, nil, none, classify("read manifest", r.String(), err)
 	}
 	dgst, err := img.Digest()
 	if err != nil {
-		return nil, classify("digest manifest", r.String(), err)
+		return nil, nil, none, classify("digest manifest", r.String(), err)
 	}
 	cfg, err := img.ConfigFile()
 	if err != nil {
-		return nil, classify("fetch config", r.String(), err)
+		return nil, nil, none, classify("fetch config", r.String(), err)
 	}
-
 	if o.platform != nil && !desc.MediaType.IsIndex() && !platformMatches(cfg, o.platform) {
-		return nil, &Error{Op: "select platform", Ref: r.String(), Kind: KindNotFound,
+		return nil, nil, none, &Error{Op: "select platform", Ref: r.String(), Kind: KindNotFound,
 			Err: fmt.Errorf("the image is %s/%s, not %s", cfg.OS, cfg.Architecture, platformString(o.platform))}
 	}
+	if o.meta != nil {
+		rawM, err1 := img.RawManifest()
+		rawC, err2 := img.RawConfigFile()
+		if err1 == nil && err2 == nil {
+			remember(o.meta, r, platform, dgst, rawM, rawC, m.Config.Digest)
+		}
+	}
+	return m, cfg, dgst, nil
+}
 
-	auth, err := o.keychain.Resolve(r.Context())
+// fill sets the image's manifest-derived fields.
+func (im *Image) fill(dgst string, m *v1.Manifest, cfg *v1.ConfigFile) (*Image, error) {
+	d, err := v1.NewHash(dgst)
 	if err != nil {
-		return nil, &Error{Op: "resolve credentials", Ref: r.String(), Kind: KindOther, Err: err}
+		return nil, &Error{Op: "digest manifest", Ref: im.Ref.String(), Err: err}
 	}
-	rt, err := transport.NewWithContext(ctx, r.Context().Registry, auth, base,
-		[]string{r.Context().Scope(transport.PullScope)})
-	if err != nil {
-		return nil, classify("authenticate", r.String(), err)
-	}
-
-	im := &Image{
-		Ref:      r,
-		Digest:   dgst,
-		Manifest: m,
-		Config:   cfg,
-		repo:     r.Context(),
-		scheme:   scheme(r.Context().Registry, o.plainHTTP),
-		client:   &http.Client{Transport: rt},
-		logger:   o.logger,
-
-		fetchTimeout: o.fetchTimeout,
-		stallTimeout: o.stallTimeout,
-		limits:       &hostLimits{n: o.maxConcurrent},
-	}
+	im.Digest, im.Manifest, im.Config = d, m, cfg
 	im.Platform = v1.Platform{OS: cfg.OS, Architecture: cfg.Architecture, Variant: cfg.Variant}
 	for _, l := range m.Layers {
 		im.Layers = append(im.Layers, Layer{

@@ -127,38 +127,60 @@ func Open(ctx context.Context, b Blob, opts ...Option) (*Layer, error) {
 	if size < estargz.FooterSize {
 		return nil, fmt.Errorf("open %s: %w (blob of %d bytes)", o.name, ErrNotEStargz, size)
 	}
-
+	// With a Store, the TOC region (TOC and footer) is kept there, so a
+	// layer opens without the registry; it is verified like a fetched one.
+	store, tocKey := o.cache.store, o.name+"/toc"
+	if store != nil {
+		if t, ok := store.Get(tocKey); ok && int64(len(t)) >= estargz.FooterSize && int64(len(t)) <= size {
+			l, _, err := openTail(ctx, b, &o, &tailBlob{Blob: b, off: size - int64(len(t)), tail: t})
+			if err == nil {
+				return l, nil
+			}
+			o.logger.Warn("cached TOC unusable, fetching it again", "layer", o.name, "err", err)
+		}
+	}
 	tb, err := readTail(ctx, b, min(size, max(o.tailSize, estargz.FooterSize)))
 	if err != nil {
 		return nil, fmt.Errorf("open %s: read footer: %w", o.name, err)
 	}
+	l, region, err := openTail(ctx, b, &o, tb)
+	if err == nil && store != nil {
+		store.Put(tocKey, region)
+	}
+	return l, err
+}
+
+// openTail opens the layer whose tail (at least footer and TOC, or just the
+// footer) is in tb, and returns it with its TOC region.
+func openTail(ctx context.Context, b Blob, o *options, tb *tailBlob) (*Layer, []byte, error) {
+	size := b.Size()
 	sr := io.NewSectionReader(tb, 0, size)
 	tocOffset, err := openFooter(sr)
 	if err != nil {
-		return nil, fmt.Errorf("open %s: %w (%v)", o.name, ErrNotEStargz, err)
+		return nil, nil, fmt.Errorf("open %s: %w (%v)", o.name, ErrNotEStargz, err)
 	}
 	if o.tocDigest == "" && !o.skipVerify {
-		return nil, fmt.Errorf("open %s: %w", o.name, ErrNoTOCDigest)
+		return nil, nil, fmt.Errorf("open %s: %w", o.name, ErrNoTOCDigest)
 	}
 	if tocOffset < 0 || tocOffset >= size {
-		return nil, fmt.Errorf("open %s: footer points at TOC offset %d outside the %d-byte blob", o.name, tocOffset, size)
+		return nil, nil, fmt.Errorf("open %s: footer points at TOC offset %d outside the %d-byte blob", o.name, tocOffset, size)
 	}
 	if size-tocOffset > MaxTOCBytes {
-		return nil, fmt.Errorf("open %s: TOC of %d bytes exceeds the limit of %d", o.name, size-tocOffset, MaxTOCBytes)
+		return nil, nil, fmt.Errorf("open %s: TOC of %d bytes exceeds the limit of %d", o.name, size-tocOffset, MaxTOCBytes)
 	}
 	if err := tb.extend(ctx, tocOffset); err != nil {
-		return nil, fmt.Errorf("open %s: read TOC: %w", o.name, err)
+		return nil, nil, fmt.Errorf("open %s: read TOC: %w", o.name, err)
 	}
 	if err := checkTOC(tb.tail[tocOffset-tb.off:]); err != nil {
-		return nil, fmt.Errorf("open %s: %w", o.name, err)
+		return nil, nil, fmt.Errorf("open %s: %w", o.name, err)
 	}
 	er, err := openTOC(sr, tocOffset)
 	if err != nil {
-		return nil, fmt.Errorf("open %s: parse TOC: %w", o.name, err)
+		return nil, nil, fmt.Errorf("open %s: parse TOC: %w", o.name, err)
 	}
 	if o.tocDigest != "" {
 		if got := er.TOCDigest(); got != o.tocDigest {
-			return nil, fmt.Errorf("open %s: TOC digest %s does not match the manifest's %s: refusing a tampered layer", o.name, got, o.tocDigest)
+			return nil, nil, fmt.Errorf("open %s: TOC digest %s does not match the manifest's %s: refusing a tampered layer", o.name, got, o.tocDigest)
 		}
 	}
 	l := &Layer{
@@ -170,9 +192,9 @@ func Open(ctx context.Context, b Blob, opts ...Option) (*Layer, error) {
 		tocOffset: tocOffset,
 	}
 	if err := l.build(er, o.opaqueXattr, !o.skipVerify); err != nil {
-		return nil, fmt.Errorf("open %s: %w", o.name, err)
+		return nil, nil, fmt.Errorf("open %s: %w", o.name, err)
 	}
-	return l, nil
+	return l, tb.tail[tocOffset-tb.off:], nil
 }
 
 // Root is the layer's root directory.

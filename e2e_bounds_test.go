@@ -1,0 +1,305 @@
+package main
+
+import (
+	"compress/gzip"
+	"crypto/sha256"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/containerd/stargz-snapshotter/estargz"
+
+	lt "github.com/stargz-mount/stargz-mount/internal/layertest"
+)
+
+// skipHeavy skips tests that move a gigabyte: with -short, and under the
+// race detector (`make test` runs them in a separate, non-race go test).
+func skipHeavy(t *testing.T) {
+	t.Helper()
+	if testing.Short() {
+		t.Skip("moves 1 GiB; skipped with -short")
+	}
+	if raceOn {
+		t.Skip("moves 1 GiB; too slow under -race (make test runs it without)")
+	}
+}
+
+// bigImage is a 1 GiB image: 4 layers of 16 files of 16 MiB, 1 MiB chunks.
+type bigImage struct {
+	ref   string
+	files map[string][32]byte // path in the rootfs → sha256
+	bytes int64
+}
+
+func buildBigImage(t *testing.T, host string) *bigImage {
+	t.Helper()
+	const layers, perLayer, size = 4, 16, 16 << 20
+	start := time.Now()
+	bi := &bigImage{ref: host + "/big:1", files: map[string][32]byte{}}
+	var blobs []*lt.Blob
+	for l := range layers {
+		dir := fmt.Sprintf("l%d", l)
+		entries := []lt.Entry{lt.Dir(dir)}
+		for f := range perLayer {
+			name := fmt.Sprintf("%s/f%02d", dir, f)
+			data := lt.Random(name, size)
+			bi.files[name] = sha256.Sum256(data)
+			bi.bytes += size
+			entries = append(entries, lt.File(name, data))
+		}
+		b, err := lt.Estargz(lt.Tar(entries...), estargz.WithChunkSize(1<<20), estargz.WithCompressionLevel(gzip.BestSpeed))
+		if err != nil {
+			t.Fatal(err)
+		}
+		blobs = append(blobs, b)
+	}
+	img, err := lt.Image(blobs...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lt.Push(t, img, bi.ref)
+	t.Logf("built and pushed a %d MiB image in %v", bi.bytes>>20, time.Since(start).Round(time.Millisecond))
+	return bi
+}
+
+// readAll reads every file of the image under root with par readers and
+// checks its sha256. stop, if closed, ends the reading early without error.
+func (bi *bigImage) readAll(t *testing.T, root string, par int, stop <-chan struct{}) {
+	t.Helper()
+	names := make(chan string, len(bi.files))
+	for n := range bi.files {
+		names <- n
+	}
+	close(names)
+	var wg sync.WaitGroup
+	for range par {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for n := range names {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				f, err := os.Open(filepath.Join(root, n))
+				if err != nil {
+					t.Errorf("open %s: %v", n, err)
+					return
+				}
+				h := sha256.New()
+				_, err = io.Copy(h, f)
+				f.Close()
+				select {
+				case <-stop:
+					return // the server may be gone
+				default:
+				}
+				if err != nil {
+					t.Errorf("read %s: %v", n, err)
+				} else if [32]byte(h.Sum(nil)) != bi.files[n] {
+					t.Errorf("%s: wrong bytes", n)
+				}
+			}
+		}()
+	}
+	wg.Wait()
+}
+
+// startServer runs stargz-mount in the foreground and waits for the mount.
+func (e *env) startServer(ref string, flags ...string) *exec.Cmd {
+	e.t.Helper()
+	cmd := e.cmd(append(flags, ref, e.target)...)
+	logf, err := os.Create(filepath.Join(e.t.TempDir(), "server.log"))
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	cmd.Stdout, cmd.Stderr = logf, logf
+	if err := cmd.Start(); err != nil {
+		e.t.Fatal(err)
+	}
+	e.t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait(); logf.Close() })
+	for range 400 {
+		if mounted(e.target) {
+			return cmd
+		}
+		time.Sleep(25 * time.Millisecond)
+	}
+	b, _ := os.ReadFile(logf.Name())
+	e.t.Fatalf("mount did not come up:\n%s", b)
+	return nil
+}
+
+// peakRSS is a process's peak resident set (VmHWM) in bytes.
+func peakRSS(t *testing.T, pid int) int64 {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		if rest, ok := strings.CutPrefix(l, "VmHWM:"); ok {
+			kb, _ := strconv.ParseInt(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(rest), "kB")), 10, 64)
+			return kb << 10
+		}
+	}
+	t.Fatal("no VmHWM")
+	return 0
+}
+
+// chunkDiskBytes sums the blocks of the disk cache's files (entries and
+// temp files; not the lock and count files).
+func chunkDiskBytes(dir string) int64 {
+	var n int64
+	filepath.WalkDir(filepath.Join(dir, "chunks"), func(p string, d fs.DirEntry, err error) error {
+		if err != nil || !d.Type().IsRegular() || strings.HasPrefix(d.Name(), ".") || filepath.Base(filepath.Dir(p)) == ".locks" {
+			return nil
+		}
+		if fi, err := d.Info(); err == nil {
+			n += (fi.Size() + 4095) / 4096 * 4096
+		}
+		return nil
+	})
+	return n
+}
+
+// watchDisk samples the disk cache's size until stop is called, which
+// returns the largest size seen.
+func watchDisk(dir string) (stop func() int64) {
+	var peak atomic.Int64
+	done := make(chan struct{})
+	finished := make(chan struct{})
+	go func() {
+		defer close(finished)
+		for {
+			if n := chunkDiskBytes(dir); n > peak.Load() {
+				peak.Store(n)
+			}
+			select {
+			case <-done:
+				return
+			case <-time.After(20 * time.Millisecond):
+			}
+		}
+	}()
+	return func() int64 { close(done); <-finished; return peak.Load() }
+}
+
+// TestCacheBounds reads a 1 GiB image under the memory bound, under a disk
+// bound of a third of it, from two processes sharing one cache dir, and
+// across a SIGKILL in the middle of caching.
+func TestCacheBounds(t *testing.T) {
+	needFUSE(t)
+	skipHeavy(t)
+	host := lt.InProcessRegistry(t)
+	bi := buildBigImage(t, host)
+	diskBound := bi.bytes / 3
+
+	t.Run("memory 64MiB", func(t *testing.T) {
+		const budget = 64 << 20
+		e := newEnv(t)
+		cmd := e.startServer(bi.ref, "--cache-max-memory", "64MiB", "--cache-max-disk", "0")
+		bi.readAll(t, e.target, 4, nil)
+		peak := peakRSS(t, cmd.Process.Pid)
+		t.Logf("peak RSS reading %d MiB with a 64 MiB budget: %.1f MiB", bi.bytes>>20, float64(peak)/(1<<20))
+		if peak > budget+64<<20 {
+			t.Errorf("peak RSS %d MiB, over budget + 64 MiB", peak>>20)
+		}
+		e.umount()
+		e.assertClean()
+	})
+
+	t.Run("disk a third of the data", func(t *testing.T) {
+		e := newEnv(t)
+		stop := watchDisk(e.cache)
+		e.mount(bi.ref, "--cache-max-disk", strconv.FormatInt(diskBound, 10))
+		bi.readAll(t, e.target, 4, nil)
+		e.umount()
+		peak := stop()
+		t.Logf("disk cache peak %d MiB, bound %d MiB", peak>>20, diskBound>>20)
+		if peak > diskBound {
+			t.Errorf("disk cache reached %d bytes, bound %d", peak, diskBound)
+		}
+		if peak < diskBound/2 {
+			t.Errorf("disk cache only reached %d bytes of %d: is it used?", peak, diskBound)
+		}
+		e.assertClean()
+	})
+
+	t.Run("two processes share a cache dir", func(t *testing.T) {
+		a := newEnv(t)
+		b := a.sibling()
+		stop := watchDisk(a.cache)
+		bound := strconv.FormatInt(diskBound, 10)
+		a.mount(bi.ref, "--cache-max-disk", bound)
+		b.mount(bi.ref, "--cache-max-disk", bound)
+		var wg sync.WaitGroup
+		for _, e := range []*env{a, b} {
+			wg.Add(1)
+			go func() { defer wg.Done(); bi.readAll(t, e.target, 3, nil) }()
+		}
+		wg.Wait()
+		a.umount()
+		b.umount()
+		peak := stop()
+		t.Logf("disk cache peak %d MiB with two processes, bound %d MiB", peak>>20, diskBound>>20)
+		if peak > diskBound {
+			t.Errorf("disk cache reached %d bytes, bound %d", peak, diskBound)
+		}
+		assertCount(t, a.cache)
+		a.assertClean()
+	})
+
+	t.Run("SIGKILL while caching", func(t *testing.T) {
+		e := newEnv(t)
+		cmd := e.startServer(bi.ref, "--cache-max-disk", "2GiB")
+		stopReads := make(chan struct{})
+		done := make(chan struct{})
+		go func() { defer close(done); bi.readAll(t, e.target, 4, stopReads) }()
+		for chunkDiskBytes(e.cache) < 200<<20 {
+			time.Sleep(10 * time.Millisecond)
+		}
+		close(stopReads)
+		cmd.Process.Kill()
+		cmd.Wait()
+		<-done
+		e.umount() // the mounts the killed server left
+		e.assertClean()
+		cached := chunkDiskBytes(e.cache)
+		e.mount(bi.ref, "--cache-max-disk", "2GiB")
+		bi.readAll(t, e.target, 4, nil)
+		e.umount()
+		e.assertClean()
+		t.Logf("%d MiB cached at the kill, %d MiB after rereading", cached>>20, chunkDiskBytes(e.cache)>>20)
+		assertCount(t, e.cache)
+		if ents, _ := os.ReadDir(filepath.Join(e.cache, "chunks", ".tmp")); len(ents) > 0 {
+			t.Errorf("%d temp files left", len(ents))
+		}
+	})
+}
+
+// assertCount checks that the shared count (`cache du`) matches the files.
+func assertCount(t *testing.T, cache string) {
+	t.Helper()
+	out, err := exec.Command(binary, "cache", "du", "--cache-dir", cache).Output()
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := strings.Split(string(out), "\t")
+	if len(f) < 2 {
+		t.Fatalf("cache du: %q", out)
+	}
+	n, _ := strconv.ParseInt(strings.TrimSuffix(f[1], " bytes"), 10, 64)
+	if disk := chunkDiskBytes(cache); n != disk {
+		t.Errorf("cache du says %d bytes, files hold %d", n, disk)
+	}
+}
