@@ -129,7 +129,7 @@ func (l *Layer) chunk(ctx context.Context, n *Node, i int) ([]byte, error) {
 		if cl == nil {
 			// Fetches finish by caching, then leaving the table: a
 			// chunk no longer in flight may have just been cached.
-			if b, ok := l.cache.get(key); ok && int64(len(b)) == c.size {
+			if b, ok := l.cache.getMemory(key); ok && int64(len(b)) == c.size {
 				t.mu.Unlock()
 				return b, nil
 			}
@@ -200,11 +200,7 @@ func (l *Layer) planLocked(n *Node, i int, limit int64, ahead bool) *plan {
 			if f, ok := t.failed[key]; ok && now.Before(f.until) {
 				covered = true
 			}
-			if !covered {
-				if b, ok := l.cache.get(key); ok && int64(len(b)) == c.size {
-					covered = true
-				}
-			}
+			covered = covered || l.cache.has(key)
 			if covered {
 				if order[k].n != n && len(p.chunks) == 0 {
 					return p // read-ahead found nothing left of its file
@@ -281,6 +277,22 @@ func blobOrder(root *Node) []placed {
 		return ca.blobOff < cb.blobOff || (ca.blobOff == cb.blobOff && ca.inner < cb.inner)
 	})
 	return out
+}
+
+// has reports whether key is in memory or in the store, without reading
+// it from the store when that can tell (lru.Store can).
+func (c *Cache) has(key string) bool {
+	if _, ok := c.getMemory(key); ok {
+		return true
+	}
+	if c.store == nil {
+		return false
+	}
+	if h, ok := c.store.(interface{ Has(string) bool }); ok {
+		return h.Has(storeKey(key))
+	}
+	_, ok := c.store.Get(storeKey(key))
+	return ok
 }
 
 // rangesReader is implemented by blobs that read several ranges in one go
