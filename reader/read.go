@@ -83,7 +83,8 @@ type fetchTable struct {
 	orderOnce sync.Once
 	order     []placed // every chunk of the layer in blob order
 
-	ahead atomic.Int64 // compressed bytes of read-ahead fetches in flight
+	ahead      atomic.Int64 // compressed bytes of read-ahead fetches in flight
+	aheadPlans atomic.Int64 // read-ahead fetches in flight
 }
 
 // call is one chunk's fetch; done is closed when data or err is set.
