@@ -17,7 +17,7 @@ demo:
 
 # Installs the Debian packages the tests use if any is missing and we are root.
 have-deps:
-	@missing=; for c in fusermount3 docker-registry skopeo umoci; do command -v $$c >/dev/null || missing=1; done; \
+	@missing=; for c in fusermount3 docker-registry skopeo umoci htpasswd; do command -v $$c >/dev/null || missing=1; done; \
 	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then $(MAKE) deps; fi
 
 # The test command CI runs. The root package's end-to-end tests drive the
@@ -35,7 +35,7 @@ test: have-deps
 # Debian packages the tests use.
 deps:
 	apt-get update -qq
-	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fuse3 docker-registry skopeo umoci
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fuse3 docker-registry skopeo umoci apache2-utils
 
 clean:
 	rm -rf bin
