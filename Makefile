@@ -1,10 +1,11 @@
 # stargz-mount: `make demo` shows the tool at work offline, `make test` runs
 # every test (root, FUSE, docker-registry, skopeo and umoci needed for the
-# end-to-end ones; `make deps` installs them on Debian).
+# end-to-end ones; `make deps` installs them on Debian), `make bench`
+# measures it against a full pull on a shaped link (BENCHMARKS.md).
 
 GO ?= go
 
-.PHONY: build demo test deps have-deps clean
+.PHONY: build demo test deps have-deps bench bench-deps clean
 
 build:
 	$(GO) build -o bin/stargz-mount .
@@ -17,7 +18,7 @@ demo:
 
 # Installs the Debian packages the tests use if any is missing and we are root.
 have-deps:
-	@missing=; for c in fusermount3 docker-registry skopeo umoci htpasswd; do command -v $$c >/dev/null || missing=1; done; \
+	@missing=; for c in fusermount3 docker-registry skopeo umoci runc crun podman debootstrap fuse-overlayfs newuidmap htpasswd; do command -v $$c >/dev/null || missing=1; done; \
 	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then $(MAKE) deps; fi
 
 # The test command CI runs. The root package's end-to-end tests drive the
@@ -31,11 +32,12 @@ test: have-deps
 	$(GO) test -run XXX -fuzz '^FuzzTOC$$' -fuzztime 20s ./reader
 	$(GO) test -run XXX -fuzz '^FuzzDecode$$' -fuzztime 20s ./reader
 	$(GO) test -run XXX -fuzz '^FuzzOpen$$' -fuzztime 20s -fuzzminimizetime 2s ./reader
+	$(GO) test -run XXX -fuzz '^FuzzTar$$' -fuzztime 20s -fuzzminimizetime 2s ./unpack
 
 # Debian packages the tests use.
 deps:
 	apt-get update -qq
-	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fuse3 docker-registry skopeo umoci apache2-utils
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fuse3 docker-registry skopeo umoci runc crun podman debootstrap fuse-overlayfs uidmap apache2-utils
 
 clean:
 	rm -rf bin

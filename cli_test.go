@@ -49,7 +49,11 @@ func TestInspect(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	img, err := lt.Image(plain, es)
+	zc, err := lt.ZstdChunked(lt.Tar(lt.FileString("z", "zstd:chunked")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	img, err := lt.Image(plain, es, zc)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -64,16 +68,20 @@ func TestInspect(t *testing.T) {
 		t.Fatalf("inspect --json output: %v\n%s", err, out)
 	}
 	d, _ := img.Digest()
-	if info.Digest != d.String() || !strings.HasPrefix(info.Platform, "linux/") || len(info.Layers) != 2 {
+	if info.Digest != d.String() || !strings.HasPrefix(info.Platform, "linux/") || len(info.Layers) != 3 {
 		t.Fatalf("inspect = %+v", info)
 	}
-	if l := info.Layers[0]; l.EStargz || l.Digest != plain.Digest.String() || l.Size != int64(len(plain.Data)) {
+	if l := info.Layers[0]; l.EStargz || l.Format != "gzip" || l.Digest != plain.Digest.String() || l.Size != int64(len(plain.Data)) {
 		t.Errorf("plain layer = %+v", l)
 	}
 	l := info.Layers[1]
-	if !l.EStargz || l.TOCDigest != es.TOCDigest || l.Entries == 0 || l.PrioritizedBytes <= 0 ||
+	if !l.EStargz || l.Format != "estargz" || l.TOCDigest != es.TOCDigest || l.Entries == 0 || l.PrioritizedBytes <= 0 ||
 		l.UncompressedSize != es.UncompressedSize || l.Error != "" {
 		t.Errorf("eStargz layer = %+v", l)
+	}
+
+	if l := info.Layers[2]; l.Format != "zstd:chunked" || l.Entries == 0 || l.TOCDigest == "" || l.Error != "" {
+		t.Errorf("zstd:chunked layer = %+v", l)
 	}
 
 	table, err := exec.Command(binary, "inspect", host+"/inspect:1").Output()

@@ -420,8 +420,6 @@ func TestMountErrors(t *testing.T) {
 		{"tag does not exist", func(e *env) []string { return []string{host + "/ok:2", e.target} }, "not found", false},
 		{"unreachable registry", func(e *env) []string { return []string{dead + "/ok:1", e.target} }, "unreachable", false},
 		{"denied pull", func(e *env) []string { return []string{deniedHost + "/ok:1", e.target} }, "access denied", false},
-		{"plain gzip layer", func(e *env) []string { return []string{host + "/plain:1", e.target} }, "only eStargz", false},
-		{"no TOC digest annotation", func(e *env) []string { return []string{host + "/bare:1", e.target} }, "--insecure-skip-verify", false},
 		{"bad size flag", func(e *env) []string { return []string{"--cache-max-memory", "lots", host + "/ok:1", e.target} }, "--cache-max-memory", false},
 		{"flag after arguments", func(e *env) []string { return []string{host + "/ok:1", e.target, "--daemon"} }, "put flags before", false},
 		{"bad platform", func(e *env) []string { return []string{"--platform", "linux", host + "/ok:1", e.target} }, "--platform", false},

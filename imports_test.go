@@ -11,17 +11,21 @@ import (
 )
 
 // TestImportDirection keeps the package graph pointing one way:
-// main → mount → reader, with fetcher and lru importing no project package,
+// main → mount → reader, with bundle, fetcher and lru importing no project package,
 // and test helpers out of the shipped code.
 func TestImportDirection(t *testing.T) {
 	const module = "github.com/stargz-mount/stargz-mount"
 	allowed := map[string][]string{
-		".":                   {"fetcher", "lru", "mount", "reader"},
+		".":                   {"bundle", "fetcher", "lru", "mount", "reader", "stats", "unpack"},
+		"bundle":              {},
 		"mount":               {"reader"},
 		"reader":              {},
 		"fetcher":             {},
 		"lru":                 {},
+		"stats":               {},
+		"unpack":              {},
 		"internal/demo":       {"internal/layertest"},
+		"bench":               {"internal/layertest", "internal/netshape"},
 		"internal/layertest":  {},
 		"internal/netshape":   {},
 		"internal/faultproxy": {},

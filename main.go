@@ -1,6 +1,7 @@
 // Command stargz-mount mounts a container image from an OCI registry as a
-// root filesystem without pulling it: each eStargz layer is served lazily
-// through FUSE and the layers are stacked with overlayfs.
+// root filesystem without pulling it: each eStargz or zstd:chunked layer is
+// served lazily through FUSE, plain layers are unpacked into a shared cache,
+// and the layers are stacked with overlayfs.
 package main
 
 import (
@@ -25,10 +26,13 @@ import (
 	"github.com/urfave/cli/v2"
 	"golang.org/x/sync/errgroup"
 
+	"github.com/stargz-mount/stargz-mount/bundle"
 	"github.com/stargz-mount/stargz-mount/fetcher"
 	"github.com/stargz-mount/stargz-mount/lru"
 	"github.com/stargz-mount/stargz-mount/mount"
 	"github.com/stargz-mount/stargz-mount/reader"
+	"github.com/stargz-mount/stargz-mount/stats"
+	"github.com/stargz-mount/stargz-mount/unpack"
 )
 
 // readyFDEnv names the file descriptor a --daemon child reports readiness on.
@@ -45,12 +49,13 @@ func newApp() *cli.App {
 	return &cli.App{
 		Name:      "stargz-mount",
 		Usage:     "mount a container image's root filesystem without pulling it",
-		UsageText: "stargz-mount [options] REF MOUNTPOINT\n   stargz-mount umount MOUNTPOINT\n   stargz-mount inspect [--json] REF\n   stargz-mount cache ls [--json] | du | prune [--all] [--max SIZE]",
+		UsageText: "stargz-mount [options] REF MOUNTPOINT\n   stargz-mount bundle [options] REF DIR\n   stargz-mount umount MOUNTPOINT\n   stargz-mount stats [--json] MOUNTPOINT\n   stargz-mount inspect [--json] REF\n   stargz-mount cache ls [--json] | du | prune [--all] [--max SIZE]",
 		Description: `Resolves REF in its OCI registry and mounts the image's root filesystem at
 MOUNTPOINT, an existing empty directory. Only each layer's table of contents is
 fetched up front; file data is fetched, verified and cached when it is read.
-Each eStargz layer is served read-only through FUSE and the layers are stacked
-with overlayfs. stargz-mount stays in the foreground until SIGINT or SIGTERM
+Each eStargz or zstd:chunked layer is served read-only through FUSE; plain
+gzip, zstd and uncompressed layers are fetched once, checked against their
+digest and unpacked into the cache dir; the layers are stacked with overlayfs. stargz-mount stays in the foreground until SIGINT or SIGTERM
 or 'stargz-mount umount MOUNTPOINT', then removes every mount it made.
 
 Example:
@@ -62,9 +67,23 @@ Limits on hostile layers: a TOC of at most ` + sizeString(reader.MaxTOCBytes) + 
 			strconv.Itoa(reader.MaxEntries) + ` entries,
 paths at most ` + strconv.Itoa(reader.MaxDepth) + ` directories deep, chunks at most ` + sizeString(reader.MaxChunkSize) + `.`,
 		HideHelpCommand: true,
-		Flags:           append(mountFlags(), commonFlags()...),
+		Flags:           append(append(mountFlags(), fastFlags()...), commonFlags()...),
 		Action:          mountAction,
 		Commands: []*cli.Command{
+			{
+				Name:  "bundle",
+				Usage: "mount an image as the rootfs of an OCI runtime bundle (DIR/rootfs, DIR/config.json) for runc or crun",
+				Description: `Mounts REF at DIR/rootfs (DIR and DIR/rootfs are created if missing) and
+writes DIR/config.json from the image config as 'umoci unpack' does:
+entrypoint and cmd, env, working dir and user, non-interactive. Then
+'runc run -b DIR ID' or 'crun run -b DIR ID' runs the image. Serves like the
+plain mount: in the foreground until a signal or 'stargz-mount umount DIR/rootfs',
+or in the background with --daemon. As a non-root user the config is rootless
+(a user namespace mapping you to root).`,
+				ArgsUsage: "REF DIR",
+				Flags:     append(append(mountFlags(), fastFlags()...), commonFlags()...),
+				Action:    bundleAction,
+			},
 			{
 				Name:      "umount",
 				Aliases:   []string{"unmount"},
@@ -81,6 +100,7 @@ paths at most ` + strconv.Itoa(reader.MaxDepth) + ` directories deep, chunks at 
 				Flags:     append([]cli.Flag{&cli.BoolFlag{Name: "json", Usage: "print JSON instead of a table"}}, commonFlags()...),
 				Action:    inspectAction,
 			},
+			statsCommand(),
 		},
 	}
 }
@@ -96,7 +116,7 @@ func commonFlags() []cli.Flag {
 		&cli.StringFlag{Name: "platform", Usage: "pick `OS/ARCH[/VARIANT]` from a multi-platform image (default: this host's)"},
 		&cli.BoolFlag{Name: "plain-http", Usage: "speak plain HTTP to the registry (always so for localhost, 127.0.0.0/8 and ::1)"},
 		&cli.BoolFlag{Name: "insecure-skip-tls-verify", Usage: "accept any TLS certificate from the registry"},
-		&cli.BoolFlag{Name: "insecure-skip-verify", Usage: "mount layers that carry no TOC digest annotation, unverified"},
+		&cli.BoolFlag{Name: "insecure-skip-verify", Usage: "serve gzip layers without a TOC digest annotation lazily, unverified (default: unpack them, checked against their digest)"},
 		&cli.StringFlag{Name: "creds", Usage: "log in to the registry as `USER:PASS` (default: podman auth files, then the Docker config)"},
 		&cli.StringFlag{Name: "ca-file", Usage: "trust the PEM certificates in `FILE` besides the system roots"},
 		&cli.StringSliceFlag{Name: "mirror", Usage: "try `REGISTRY=MIRROR` (host[:port]) first for REGISTRY's images, the origin if it fails; repeatable"},
@@ -194,53 +214,6 @@ func fetchOptions(c *cli.Context, logger *slog.Logger) ([]fetcher.Option, error)
 	return opts, nil
 }
 
-// openLayers opens every layer's TOC, all in parallel.
-func openLayers(ctx context.Context, img *fetcher.Image, cache *reader.Cache, skipVerify bool, logger *slog.Logger) ([]*reader.Layer, error) {
-	layers := make([]*reader.Layer, len(img.Layers))
-	g, ctx := errgroup.WithContext(ctx)
-	for i, l := range img.Layers {
-		if err := checkMediaType(i, l); err != nil {
-			return nil, err
-		}
-		g.Go(func() error {
-			opts := []reader.Option{
-				reader.WithName(l.Digest.String()),
-				reader.WithCache(cache),
-				reader.WithInsecureSkipVerify(skipVerify),
-				reader.WithLogger(logger),
-			}
-			if d := l.Annotations[estargz.TOCJSONDigestAnnotation]; d != "" {
-				opts = append(opts, reader.WithTOCDigest(digest.Digest(d)))
-			}
-			rl, err := reader.Open(ctx, img.Blob(l), opts...)
-			if errors.Is(err, reader.ErrNoTOCDigest) {
-				return fmt.Errorf("layer %d (%s) has no %s annotation, so its contents cannot be verified: rebuild the image as eStargz (e.g. `nerdctl image convert --estargz`), or pass --insecure-skip-verify to mount it unverified",
-					i, l.Digest, estargz.TOCJSONDigestAnnotation)
-			}
-			if errors.Is(err, reader.ErrNotEStargz) {
-				return fmt.Errorf("layer %d (%s, %s) is not eStargz: only eStargz layers can be mounted for now", i, l.Digest, l.MediaType)
-			}
-			if err != nil {
-				return fmt.Errorf("layer %d: %w", i, err)
-			}
-			layers[i] = rl
-			return nil
-		})
-	}
-	if err := g.Wait(); err != nil {
-		return nil, err
-	}
-	return layers, nil
-}
-
-func checkMediaType(i int, l fetcher.Layer) error {
-	switch l.MediaType {
-	case "application/vnd.oci.image.layer.v1.tar+gzip", "application/vnd.docker.image.rootfs.diff.tar.gzip":
-		return nil
-	}
-	return fmt.Errorf("layer %d (%s) has media type %s: only eStargz (gzip) layers can be mounted", i, l.Digest, l.MediaType)
-}
-
 func mountAction(c *cli.Context) error {
 	a, err := args(c, "REF", "MOUNTPOINT")
 	if err != nil {
@@ -250,22 +223,52 @@ func mountAction(c *cli.Context) error {
 		}
 		return err
 	}
-	ref, target := a[0], a[1]
+	return run(c, a[0], a[1], nil)
+}
+
+// bundleAction mounts REF at DIR/rootfs and writes DIR/config.json.
+func bundleAction(c *cli.Context) error {
+	a, err := args(c, "REF", "DIR")
+	if err != nil {
+		return err
+	}
+	dir := a[1]
+	if os.Getenv(readyFDEnv) == "" {
+		if err := os.MkdirAll(filepath.Join(dir, bundle.RootfsDir), 0o755); err != nil {
+			return fmt.Errorf("bundle directory: %w", err)
+		}
+	}
+	return run(c, a[0], filepath.Join(dir, bundle.RootfsDir), func(img *fetcher.Image, m *mount.Mounted) error {
+		opts := []bundle.Option{bundle.ReadOnly(!c.Bool("writable") && c.String("upper") == "")}
+		if uid := os.Geteuid(); uid != 0 {
+			opts = append(opts, bundle.Rootless(uint32(uid), uint32(os.Getegid())))
+		}
+		spec, err := bundle.Spec(img.Config, m.Target, opts...)
+		if err != nil {
+			return fmt.Errorf("bundle config: %w", err)
+		}
+		return bundle.Write(filepath.Dir(m.Target), spec)
+	})
+}
+
+// run serves ref at target, in the background with --daemon; mounted, if
+// not nil, runs once the mount is up and before it is reported ready.
+func run(c *cli.Context, ref, target string, mounted func(*fetcher.Image, *mount.Mounted) error) error {
 	if c.Bool("daemon") && os.Getenv(readyFDEnv) == "" {
-		return daemonize(target, filepath.Join(c.String("cache-dir"), "stargz-mount.log"))
+		return daemonize(target, filepath.Join(c.String("cache-dir"), "stargz-mount.log"), progressWriter(c.Bool("quiet")))
 	}
 	ready := func(error) {}
 	if fd := os.Getenv(readyFDEnv); fd != "" {
 		ready = readyReporter(fd)
 	}
-	err = serve(c, ref, target, ready)
+	err := serve(c, ref, target, ready, mounted)
 	if err != nil {
 		ready(err)
 	}
 	return err
 }
 
-func serve(c *cli.Context, ref, target string, ready func(error)) error {
+func serve(c *cli.Context, ref, target string, ready func(error), mounted func(*fetcher.Image, *mount.Mounted) error) error {
 	logger, err := newLogger(c, os.Stderr)
 	if err != nil {
 		return err
@@ -275,6 +278,9 @@ func serve(c *cli.Context, ref, target string, ready func(error)) error {
 		return fmt.Errorf("--cache-max-memory: %w", err)
 	}
 	if _, err := mount.CheckTarget(target); err != nil {
+		return err
+	}
+	if err := mount.CheckRootless(); err != nil {
 		return err
 	}
 	// The memory cache is most of the heap: a soft limit a little above it
@@ -294,10 +300,29 @@ func serve(c *cli.Context, ref, target string, ready func(error)) error {
 	if store != nil {
 		fopts = append(fopts, fetcher.WithMetadataStore(store))
 	}
+	bandwidth, err := parseSize(c.String("background-bandwidth"))
+	if err != nil {
+		return fmt.Errorf("--background-bandwidth: %w", err)
+	}
+	if a := c.String("metrics-addr"); a != "" {
+		if err := stats.CheckMetricsAddr(a); err != nil {
+			return fmt.Errorf("--metrics-addr: %w", err)
+		}
+	}
+	recordPath := c.String("record")
+	if recordPath != "" {
+		if recordPath, err = filepath.Abs(recordPath); err != nil {
+			return fmt.Errorf("--record: %w", err)
+		}
+	}
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 
+	pw := progressWriter(c.Bool("quiet"))
+	prog := newProgress(pw)
+	defer prog.done()
+	prog.spin("resolving " + ref)
 	img, err := fetcher.Resolve(ctx, ref, fopts...)
 	if err != nil {
 		return err
@@ -317,11 +342,39 @@ func serve(c *cli.Context, ref, target string, ready func(error)) error {
 	}
 	cache := reader.NewCache(memory, copts...)
 	defer cache.Close()
-	layers, err := openLayers(ctx, img, cache, c.Bool("insecure-skip-verify"), logger)
+	opener := &layerOpener{
+		img:        img,
+		blobs:      layerBlobs(img),
+		cache:      cache,
+		store:      unpack.NewStore(c.String("cache-dir")),
+		skipVerify: c.Bool("insecure-skip-verify"),
+		logger:     logger,
+		opened:     prog.count("layers", len(img.Layers)),
+		extra:      []reader.Option{reader.WithDemand(reader.NewDemand()), reader.WithOpaqueXattr(mount.OpaqueXattr())},
+	}
+	lowers, err := opener.open(ctx)
 	if err != nil {
 		return err
 	}
-	m, err := mount.Mount(ctx, layers, target, mount.Options{
+	// Prefetch, background fetch, stats and the access record concern the
+	// lazily served layers; unpacked ones are local already.
+	var layers []*reader.Layer
+	var blobs []*fetcher.Blob
+	for i, lw := range lowers {
+		if lw.Layer != nil {
+			layers = append(layers, lw.Layer)
+			blobs = append(blobs, opener.blobs[i])
+		}
+	}
+	if recordPath != "" {
+		for _, l := range layers {
+			l.Record()
+		}
+	}
+	sess := newSession(ref, img, blobs, layers, prog, logger)
+	defer sess.close("")
+	sess.startPrefetch(c.Bool("prefetch"))
+	m, err := mount.MountLowers(ctx, lowers, target, mount.Options{
 		StateDir: c.String("cache-dir"),
 		Writable: c.Bool("writable"),
 		Upper:    c.String("upper"),
@@ -332,10 +385,39 @@ func serve(c *cli.Context, ref, target string, ready func(error)) error {
 	if err != nil {
 		return err
 	}
-	logger.Info("mounted", "ref", ref, "digest", img.Digest, "target", m.Target, "layers", len(layers))
+	sess.waitPrefetch(c.Duration("prefetch-timeout"))
+	if err := sess.publish(m.Target, c.String("metrics-addr")); err != nil {
+		m.Close()
+		return err
+	}
+	if mounted != nil {
+		if err := mounted(img, m); err != nil {
+			if cerr := m.Close(); cerr != nil {
+				logger.Warn("unmount after failure", "err", cerr)
+			}
+			return err
+		}
+	}
+	logger.Info("mounted", "ref", ref, "digest", img.Digest, "target", m.Target, "layers", len(lowers))
+	if os.Getenv(progressFDEnv) != "" {
+		// The waiting parent's terminal is not ours after ready.
+		prog.done()
+		sess.prog = nil
+		if f, ok := pw.(*os.File); ok {
+			f.Close()
+		}
+	}
 	ready(nil)
+	if c.Bool("background-fetch") {
+		capacity := memory
+		if store != nil {
+			capacity += store.Max()
+		}
+		sess.startBackground(bandwidth, capacity)
+	}
 
 	werr := m.Wait(ctx)
+	serr := sess.close(recordPath)
 	if err := m.Close(); err != nil {
 		return fmt.Errorf("unmount %s: %w", m.Target, err)
 	}
@@ -343,7 +425,7 @@ func serve(c *cli.Context, ref, target string, ready func(error)) error {
 		return werr
 	}
 	logger.Info("unmounted", "target", m.Target)
-	return nil
+	return serr
 }
 
 // memorySlack is what the process may use beyond --cache-max-memory before
@@ -370,7 +452,8 @@ func openStore(c *cli.Context, logger *slog.Logger) (*lru.Store, error) {
 
 // daemonize starts this command again in the background and waits until it
 // reports the mount ready or failed.
-func daemonize(target, logPath string) error {
+// Progress, if progress is set, is drawn on it until the mount is ready.
+func daemonize(target, logPath string, progress io.Writer) error {
 	if err := os.MkdirAll(filepath.Dir(logPath), 0o700); err != nil {
 		return fmt.Errorf("--cache-dir: %w", err)
 	}
@@ -399,6 +482,10 @@ func daemonize(target, logPath string) error {
 	cmd.Stdout = logFile
 	cmd.Stderr = logFile
 	cmd.ExtraFiles = []*os.File{w}
+	if f, ok := progress.(*os.File); ok {
+		cmd.ExtraFiles = append(cmd.ExtraFiles, f)
+		cmd.Env = append(cmd.Env, progressFDEnv+"=4")
+	}
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
 	if err := cmd.Start(); err != nil {
 		w.Close()
@@ -426,6 +513,9 @@ func readyReporter(fd string) func(error) {
 	if err != nil {
 		return func(error) {}
 	}
+	// Processes this one starts (fusermount3, fuse-overlayfs) must not
+	// hold the pipe open, or the parent never sees it close.
+	syscall.CloseOnExec(n)
 	f := os.NewFile(uintptr(n), "ready")
 	done := false
 	return func(err error) {
@@ -451,7 +541,14 @@ func umountAction(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
-	return mount.Unmount(a[0], logger)
+	if err := mount.Unmount(a[0], logger); err != nil {
+		return err
+	}
+	// A server that was killed left its stats socket behind.
+	if abs, err := filepath.Abs(a[0]); err == nil {
+		os.Remove(stats.SocketPath(stats.RuntimeDir(), abs))
+	}
+	return nil
 }
 
 // layerInfo is one layer in `inspect` output.
@@ -461,6 +558,7 @@ type layerInfo struct {
 	Size             int64  `json:"size"`
 	UncompressedSize int64  `json:"uncompressedSize,omitempty"`
 	EStargz          bool   `json:"estargz"`
+	Format           string `json:"format"` // how a mount uses it: estargz, zstd:chunked, gzip, zstd, uncompressed (unpacked) or unsupported
 	TOCDigest        string `json:"tocDigest,omitempty"`
 	Entries          int    `json:"entries,omitempty"`
 	PrioritizedBytes int64  `json:"prioritizedBytes"`
@@ -503,7 +601,28 @@ func inspectAction(c *cli.Context) error {
 		if s, err := strconv.ParseInt(l.Annotations[estargz.StoreUncompressedSizeAnnotation], 10, 64); err == nil {
 			li.UncompressedSize = s
 		}
-		if checkMediaType(i, l) != nil {
+		f, err := formatOf(i, l)
+		if err != nil {
+			li.Format, li.Error = "unsupported", err.Error()
+			continue
+		}
+		li.Format = f.String()
+		if f.zstdChunked {
+			g.Go(func() error {
+				rl, err := reader.OpenZstdChunked(ctx, img.Blob(l), digest.Digest(annotation(l, zstdChunkedChecksumAnnotations)),
+					annotation(l, zstdChunkedPositionAnnotations), reader.WithName(l.Digest.String()), reader.WithCache(cache),
+					reader.WithInsecureSkipVerify(true), reader.WithLogger(logger))
+				if err != nil {
+					li.Error = err.Error()
+					return nil
+				}
+				li.TOCDigest = rl.TOCDigest().String()
+				li.Entries = rl.Entries()
+				return nil
+			})
+			continue
+		}
+		if f.compression != compressionGzip {
 			continue
 		}
 		g.Go(func() error {

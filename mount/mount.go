@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -44,10 +45,14 @@ type Mounted struct {
 	dir    string // the per-mount state directory
 	logger *slog.Logger
 
-	mu      sync.Mutex // guards layers, overlay and closed
+	mu      sync.Mutex // guards layers, overlay, closed, overlayProc and overlayExited
 	layers  []*layerMount
 	overlay bool
 	closed  bool
+	// overlayProc is fuse-overlayfs when rootless; overlayExited receives
+	// its exit.
+	overlayProc   *exec.Cmd
+	overlayExited chan error
 }
 
 type layerMount struct {
@@ -67,21 +72,54 @@ type State struct {
 
 const stateFile = "state.json"
 
+// Lower is one layer of a stack: either a layer served lazily through FUSE
+// or a directory that overlayfs reads directly (an unpacked layer, already
+// in the overlay form for whiteouts and opaque directories).
+type Lower struct {
+	Layer *reader.Layer
+	Dir   string
+}
+
+func (l Lower) name() string {
+	if l.Layer != nil {
+		return l.Layer.Name()
+	}
+	return l.Dir
+}
+
 // Mount mounts layers (bottom first) read-only through FUSE and an overlay
 // of them at target. target must be an existing empty directory. On error
 // nothing stays mounted.
-func Mount(ctx context.Context, layers []*reader.Layer, target string, o Options) (_ *Mounted, err error) {
+func Mount(ctx context.Context, layers []*reader.Layer, target string, o Options) (*Mounted, error) {
+	lowers := make([]Lower, len(layers))
+	for i, l := range layers {
+		lowers[i] = Lower{Layer: l}
+	}
+	return MountLowers(ctx, lowers, target, o)
+}
+
+// MountLowers is Mount for a stack that may mix FUSE layers and
+// directories, bottom first.
+func MountLowers(ctx context.Context, layers []Lower, target string, o Options) (_ *Mounted, err error) {
 	if o.Logger == nil {
 		o.Logger = slog.Default()
 	}
 	if len(layers) == 0 {
 		return nil, errors.New("image has no layers")
 	}
+	for i, l := range layers {
+		if (l.Layer == nil) == (l.Dir == "") {
+			return nil, fmt.Errorf("layer %d: want exactly one of a FUSE layer and a directory", i)
+		}
+	}
 	if (o.Upper == "") != (o.Work == "") {
 		return nil, errors.New("--upper and --work go together")
 	}
 	target, err = CheckTarget(target)
 	if err != nil {
+		return nil, err
+	}
+	if err := CheckRootless(); err != nil {
 		return nil, err
 	}
 	dir, err := newStateDir(o.StateDir)
@@ -98,8 +136,12 @@ func Mount(ctx context.Context, layers []*reader.Layer, target string, o Options
 	}()
 
 	st := State{PID: os.Getpid(), Ref: o.Ref, Target: target}
-	for i := range layers {
-		st.Layers = append(st.Layers, filepath.Join(dir, fmt.Sprint(i)))
+	paths := make([]string, len(layers))
+	for i, l := range layers {
+		paths[i] = filepath.Join(dir, fmt.Sprint(i))
+		if l.Layer != nil {
+			st.Layers = append(st.Layers, paths[i])
+		}
 	}
 	// Write the state first: a crash in the middle leaves something umount
 	// can find.
@@ -107,9 +149,18 @@ func Mount(ctx context.Context, layers []*reader.Layer, target string, o Options
 		return nil, err
 	}
 	for i, l := range layers {
-		lm, err := mountLayer(l, st.Layers[i], o.Logger)
+		if l.Layer == nil {
+			// A directory lower goes in as a symlink in the state dir: the
+			// overlay options stay short, and every lowerdir names the
+			// state dir, which is how umount finds it.
+			if err := os.Symlink(l.Dir, paths[i]); err != nil {
+				return nil, err
+			}
+			continue
+		}
+		lm, err := mountLayer(l.Layer, paths[i], o.Logger)
 		if err != nil {
-			return nil, fmt.Errorf("mount layer %s: %w", l.Name(), err)
+			return nil, fmt.Errorf("mount layer %s: %w", l.name(), err)
 		}
 		m.mu.Lock()
 		m.layers = append(m.layers, lm)
@@ -117,12 +168,12 @@ func Mount(ctx context.Context, layers []*reader.Layer, target string, o Options
 	}
 	// Overlay copies the root attributes of each lower when it is mounted:
 	// make the kernel ask every FUSE server for them first.
-	lowers := make([]string, 0, len(st.Layers)+1)
-	for i := len(st.Layers) - 1; i >= 0; i-- {
-		if _, err := os.Stat(st.Layers[i]); err != nil {
-			return nil, fmt.Errorf("layer mount %s does not answer: %w", st.Layers[i], err)
+	lowers := make([]string, 0, len(paths)+1)
+	for i := len(paths) - 1; i >= 0; i-- {
+		if _, err := os.Stat(paths[i]); err != nil {
+			return nil, fmt.Errorf("layer %s does not answer: %w", paths[i], err)
 		}
-		lowers = append(lowers, st.Layers[i])
+		lowers = append(lowers, paths[i])
 	}
 	opts := []string{}
 	flags := uintptr(0)
@@ -153,7 +204,17 @@ func Mount(ctx context.Context, layers []*reader.Layer, target string, o Options
 	if len(data) >= os.Getpagesize() {
 		return nil, fmt.Errorf("overlay options are %d bytes, over the kernel's limit of %d: use a shorter --cache-dir", len(data), os.Getpagesize())
 	}
-	if err := unix.Mount("overlay", target, "overlay", flags, data); err != nil {
+	if Rootless() {
+		if flags&unix.MS_RDONLY != 0 {
+			data += ",ro"
+		}
+		m.mu.Lock()
+		err = m.fuseOverlay(target, data)
+		m.mu.Unlock()
+		if err != nil {
+			return nil, err
+		}
+	} else if err := unix.Mount("overlay", target, "overlay", flags, data); err != nil {
 		return nil, fmt.Errorf("mount overlay at %s: %w", target, err)
 	}
 	m.mu.Lock()
@@ -203,6 +264,9 @@ func (m *Mounted) Close() error {
 	var errs []error
 	if m.overlay {
 		if err := unmount(m.Target, m.logger); err != nil {
+			errs = append(errs, err)
+		}
+		if err := m.stopFuseOverlay(); err != nil {
 			errs = append(errs, err)
 		}
 		m.overlay = false

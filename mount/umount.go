@@ -12,7 +12,6 @@ import (
 	"syscall"
 	"time"
 
-	"bazil.org/fuse"
 	"golang.org/x/sys/unix"
 )
 
@@ -28,7 +27,7 @@ func unmount(dir string, logger *slog.Logger) error {
 	}
 	if errors.Is(err, unix.EPERM) {
 		// Not root: FUSE mounts are the user's to remove via fusermount3.
-		if ferr := fuse.Unmount(dir); ferr == nil {
+		if ferr := userUnmount(dir, logger); ferr == nil {
 			return nil
 		}
 	}
@@ -168,6 +167,18 @@ func findState(target string) (string, State, error) {
 	for _, m := range ms {
 		if m.target != target {
 			continue
+		}
+		if m.fstype == fuseOverlayFS {
+			// A rootless stack.
+			dir, err := fuseOverlayState(target)
+			if err != nil {
+				return "", State{}, fmt.Errorf("%s is a fuse-overlayfs mount, but not one of stargz-mount's: %w", target, err)
+			}
+			st, err := readState(dir)
+			if err != nil {
+				return "", State{}, fmt.Errorf("%s is a fuse-overlayfs mount, but not one of stargz-mount's: %w", target, err)
+			}
+			return dir, st, nil
 		}
 		if m.fstype != "overlay" {
 			return "", State{}, fmt.Errorf("%s is a %s mount, not one of stargz-mount's", target, m.fstype)

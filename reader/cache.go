@@ -85,14 +85,21 @@ func (c *Cache) get(key string) ([]byte, bool) {
 	if b, ok := c.getMemory(key); ok {
 		return b, true
 	}
+	b, ok, _ := c.getStore(key)
+	return b, ok
+}
+
+// getStore looks in the store only, keeping what it finds in memory;
+// looked is false when there is no store.
+func (c *Cache) getStore(key string) (b []byte, ok, looked bool) {
 	if c.store == nil {
-		return nil, false
+		return nil, false, false
 	}
-	b, ok := c.store.Get(storeKey(key))
+	b, ok = c.store.Get(storeKey(key))
 	if ok {
 		c.setMemory(key, b)
 	}
-	return b, ok
+	return b, ok, true
 }
 
 func (c *Cache) getMemory(key string) ([]byte, bool) {

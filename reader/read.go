@@ -33,6 +33,7 @@ func (l *Layer) ReadAt(ctx context.Context, n *Node, p []byte, off int64) (int, 
 		return 0, io.EOF
 	}
 	l.noteRead(n, off, int64(len(p)))
+	l.note(n)
 	i := sort.Search(len(n.chunks), func(i int) bool { return n.chunks[i].off+n.chunks[i].size > off })
 	done := 0
 	for ; i < len(n.chunks) && done < len(p); i++ {
@@ -120,6 +121,19 @@ func (l *Layer) key(c *chunk) string {
 func (l *Layer) chunk(ctx context.Context, n *Node, i int) ([]byte, error) {
 	c := &n.chunks[i]
 	key := l.key(c)
+	if b, ok := l.cache.getMemory(key); ok && int64(len(b)) == c.size {
+		l.acct.memHits.Add(1)
+		return b, nil
+	}
+	l.acct.memMisses.Add(1)
+	if b, ok, looked := l.cache.getStore(key); looked {
+		if ok && int64(len(b)) == c.size {
+			l.acct.diskHits.Add(1)
+			return b, nil
+		}
+		l.acct.diskMisses.Add(1)
+	}
+	defer l.demand.begin()() // background fetching pauses meanwhile
 	for {
 		if b, ok := l.cache.get(key); ok && int64(len(b)) == c.size {
 			return b, nil
@@ -330,6 +344,8 @@ func (l *Layer) run(p *plan) {
 	if err != nil {
 		first, last := p.ranges[0], p.ranges[len(p.ranges)-1]
 		err = fmt.Errorf("fetch blob bytes %d-%d: %w", first.off, last.end-1, err)
+	} else {
+		l.counted(int(p.bytes))
 	}
 	k := 0
 	for x, c := range p.chunks {
@@ -344,7 +360,7 @@ func (l *Layer) run(p *plan) {
 		r := p.ranges[k]
 		cl.data, cl.err = decode(c, bufs[k][c.blobOff-r.off:c.blobEnd-r.off])
 		if cl.err == nil {
-			l.cache.set(l.key(c), cl.data)
+			l.keep(c, cl.data)
 		}
 	}
 	t := &l.fetches
@@ -373,6 +389,9 @@ func (l *Layer) run(p *plan) {
 
 // decode decompresses chunk c from its compressed bytes and verifies it.
 func decode(c *chunk, comp []byte) ([]byte, error) {
+	if c.zstd {
+		return decodeZstd(c, comp)
+	}
 	// Deflate cannot expand data more than 1032 times: a TOC declaring more
 	// is lying, and believing it would allocate for nothing.
 	if c.inner+c.size > int64(len(comp))*1032+1024 {

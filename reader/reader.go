@@ -20,6 +20,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"sync/atomic"
 
 	"github.com/containerd/stargz-snapshotter/estargz"
 	"github.com/klauspost/compress/gzip"
@@ -66,6 +67,7 @@ type options struct {
 	tailSize    int64
 	opaqueXattr string
 	logger      *slog.Logger
+	demand      *Demand
 }
 
 // WithName names the layer in errors, logs and cache keys; use its digest.
@@ -110,6 +112,10 @@ type Layer struct {
 	root      *Node
 	nodes     int
 	fetches   fetchTable // chunk fetches in flight, recent failures, read-ahead state
+	demand    *Demand    // on-demand fetches in flight; background work yields to them
+	acct      accounting // stats.go
+	rec       atomic.Pointer[recorder]
+	zstd      bool // chunks are zstd frames (zstd:chunked), not gzip members
 }
 
 // Open reads the footer and TOC of the eStargz blob b and builds its tree.
@@ -122,6 +128,9 @@ func Open(ctx context.Context, b Blob, opts ...Option) (*Layer, error) {
 	}
 	if o.cache == nil {
 		o.cache = NewCache(64 << 20)
+	}
+	if o.demand == nil {
+		o.demand = NewDemand()
 	}
 	size := b.Size()
 	if size < estargz.FooterSize {
@@ -190,6 +199,7 @@ func openTail(ctx context.Context, b Blob, o *options, tb *tailBlob) (*Layer, []
 		logger:    o.logger,
 		tocDigest: er.TOCDigest(),
 		tocOffset: tocOffset,
+		demand:    o.demand,
 	}
 	if err := l.build(er, o.opaqueXattr, !o.skipVerify); err != nil {
 		return nil, nil, fmt.Errorf("open %s: %w", o.name, err)
@@ -299,6 +309,18 @@ func checkTOC(region []byte) error {
 			break
 		}
 	}
+	if err := checkTOCJSON(tr); err != nil {
+		if lr.N <= 0 {
+			return fmt.Errorf("TOC decompresses to more than the limit of %d bytes", MaxTOCJSONBytes)
+		}
+		return err
+	}
+	return nil
+}
+
+// checkTOCJSON checks the TOC JSON read from r for sizes the estargz
+// library trusts when it allocates.
+func checkTOCJSON(r io.Reader) error {
 	var toc struct {
 		Entries []struct {
 			Type      string `json:"type"`
@@ -306,10 +328,7 @@ func checkTOC(region []byte) error {
 			ChunkSize int64  `json:"chunkSize"`
 		} `json:"entries"`
 	}
-	if err := json.NewDecoder(tr).Decode(&toc); err != nil {
-		if lr.N <= 0 {
-			return fmt.Errorf("TOC decompresses to more than the limit of %d bytes", MaxTOCJSONBytes)
-		}
+	if err := json.NewDecoder(r).Decode(&toc); err != nil {
 		return fmt.Errorf("TOC JSON: %w", err)
 	}
 	if len(toc.Entries) > MaxEntries {

@@ -95,7 +95,8 @@ func TestTree(t *testing.T) {
 		lt.Whiteout("both"),
 		lt.File("big", big),
 		lt.File("empty", nil),
-		lt.FileString("evil", "x", lt.Xattr("trusted.overlay.redirect", "/etc"), lt.Xattr("user.overlay.opaque", "y")),
+		lt.FileString("evil", "x", lt.Xattr("trusted.overlay.redirect", "/etc"), lt.Xattr("user.overlay.opaque", "y"),
+			lt.Xattr("user.fuseoverlayfs.override_stat", "0:0:04755"), lt.Xattr("user.containers.override_stat", "0:0:04755")),
 	)
 	l := open(t, blob, d)
 

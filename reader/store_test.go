@@ -86,6 +86,10 @@ func TestStore(t *testing.T) {
 			if n := blob.reads.Load() - reads; n != 0 {
 				t.Errorf("%d blob reads with everything in the store", n)
 			}
+			if s := l.Stats(); s.DiskHits == 0 || s.DiskMisses != 0 || s.MemoryMisses != s.DiskHits {
+				t.Errorf("stats: %d memory misses, %d disk hits, %d disk misses; want every memory miss a disk hit",
+					s.MemoryMisses, s.DiskHits, s.DiskMisses)
+			}
 		})
 	}
 

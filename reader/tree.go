@@ -54,6 +54,7 @@ type chunk struct {
 	blobEnd int64 // end of the compressed bytes to fetch
 	inner   int64 // offset of the chunk inside the decompressed member
 	digest  digest.Digest
+	zstd    bool // a zstd frame (zstd:chunked), not a gzip member
 }
 
 // IsDir reports whether n is a directory.
@@ -287,8 +288,10 @@ func (b *builder) node(ent *estargz.TOCEntry, parent *Node, name string) (*Node,
 	}
 	for k, v := range ent.Xattrs {
 		// The overlay's own xattrs are never image content: a layer must
-		// not be able to redirect or make opaque what the overlay shows.
-		if strings.HasPrefix(k, "trusted.overlay.") || strings.HasPrefix(k, "user.overlay.") {
+		// not be able to redirect or make opaque what the overlay shows,
+		// nor (fuse-overlayfs) override owners and modes.
+		if strings.HasPrefix(k, "trusted.overlay.") || strings.HasPrefix(k, "user.overlay.") ||
+			strings.HasPrefix(k, "user.fuseoverlayfs.") || strings.HasPrefix(k, "user.containers.") {
 			continue
 		}
 		if n.Xattrs == nil {
@@ -343,7 +346,7 @@ func (b *builder) chunks(ent *estargz.TOCEntry, n *Node) error {
 				return fmt.Errorf("%s: bad chunk digest %q: %w", n.Path(), d, err)
 			}
 		}
-		n.chunks = append(n.chunks, chunk{off: off, size: size, blobOff: c.Offset, blobEnd: end, inner: c.InnerOffset, digest: d})
+		n.chunks = append(n.chunks, chunk{off: off, size: size, blobOff: c.Offset, blobEnd: end, inner: c.InnerOffset, digest: d, zstd: b.l.zstd})
 		off += size
 		b.entries++
 	}

@@ -5,13 +5,10 @@ import (
 	"compress/gzip"
 	"fmt"
 	"io"
-	"runtime"
 	"strconv"
 
 	"github.com/containerd/stargz-snapshotter/estargz"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
-	"github.com/google/go-containerregistry/pkg/v1/empty"
-	"github.com/google/go-containerregistry/pkg/v1/mutate"
 	"github.com/google/go-containerregistry/pkg/v1/types"
 )
 
@@ -31,6 +28,17 @@ type Blob struct {
 	DiffID           v1.Hash // sha256 of the uncompressed tar
 	UncompressedSize int64
 	TOCDigest        string // digest of the TOC JSON; empty for plain gzip
+	// MediaType is the layer's media type; empty means LayerMediaType.
+	MediaType types.MediaType
+	// Extra are more descriptor annotations (zstd:chunked's, for example).
+	Extra map[string]string
+}
+
+func (b *Blob) mediaType() types.MediaType {
+	if b.MediaType == "" {
+		return LayerMediaType
+	}
+	return b.MediaType
 }
 
 // Estargz converts an uncompressed tar into an eStargz blob with estargz.Build.
@@ -93,13 +101,18 @@ func (b *Blob) Layer() v1.Layer { return blobLayer{b} }
 // Annotations returns the descriptor annotations of b: the eStargz ones, or
 // none for a plain gzip layer.
 func (b *Blob) Annotations() map[string]string {
-	if b.TOCDigest == "" {
+	if b.TOCDigest == "" && len(b.Extra) == 0 {
 		return nil
 	}
-	return map[string]string{
-		TOCDigestAnnotation:        b.TOCDigest,
-		UncompressedSizeAnnotation: strconv.FormatInt(b.UncompressedSize, 10),
+	a := map[string]string{}
+	if b.TOCDigest != "" {
+		a[TOCDigestAnnotation] = b.TOCDigest
+		a[UncompressedSizeAnnotation] = strconv.FormatInt(b.UncompressedSize, 10)
 	}
+	for k, v := range b.Extra {
+		a[k] = v
+	}
+	return a
 }
 
 type blobLayer struct{ b *Blob }
@@ -108,45 +121,24 @@ func (l blobLayer) Digest() (v1.Hash, error) { return l.b.Digest, nil }
 func (l blobLayer) DiffID() (v1.Hash, error) { return l.b.DiffID, nil }
 func (l blobLayer) Size() (int64, error)     { return int64(len(l.b.Data)), nil }
 func (l blobLayer) MediaType() (types.MediaType, error) {
-	return LayerMediaType, nil
+	return l.b.mediaType(), nil
 }
 func (l blobLayer) Compressed() (io.ReadCloser, error) {
 	return io.NopCloser(bytes.NewReader(l.b.Data)), nil
 }
 func (l blobLayer) Uncompressed() (io.ReadCloser, error) {
-	return gzip.NewReader(bytes.NewReader(l.b.Data))
+	return decompress(l.b.mediaType(), l.b.Data)
 }
 
 // Image assembles an OCI image (manifest and config media types are OCI)
 // from blobs, bottom layer first. The config is linux/GOARCH with a usable
 // Cmd, Env and WorkingDir, and fixed timestamps so the result is reproducible.
 func Image(blobs ...*Blob) (v1.Image, error) {
-	img := mutate.MediaType(empty.Image, types.OCIManifestSchema1)
-	img = mutate.ConfigMediaType(img, types.OCIConfigJSON)
-	img, err := mutate.ConfigFile(img, &v1.ConfigFile{
-		Architecture: runtime.GOARCH,
-		OS:           "linux",
-		Created:      v1.Time{Time: DefaultMTime},
-		RootFS:       v1.RootFS{Type: "layers"},
-		Config: v1.Config{
-			Cmd:        []string{"/bin/sh"},
-			Env:        []string{"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"},
-			WorkingDir: "/",
-		},
-	})
-	if err != nil {
-		return nil, err
-	}
-	adds := make([]mutate.Addendum, len(blobs))
-	for i, b := range blobs {
-		adds[i] = mutate.Addendum{
-			Layer:       b.Layer(),
-			Annotations: b.Annotations(),
-			MediaType:   LayerMediaType,
-			History:     v1.History{Created: v1.Time{Time: DefaultMTime}, CreatedBy: fmt.Sprintf("layertest layer %d", i)},
-		}
-	}
-	return mutate.Append(img, adds...)
+	return ImageWithConfig(v1.Config{
+		Cmd:        []string{"/bin/sh"},
+		Env:        []string{"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"},
+		WorkingDir: "/",
+	}, blobs...)
 }
 
 // BuildImage builds an eStargz image from entry lists (bottom layer first)

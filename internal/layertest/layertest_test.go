@@ -452,3 +452,33 @@ func TestCorpusUmoci(t *testing.T) {
 		t.Errorf("rootfs from the two registries differ: %q", d)
 	}
 }
+
+func TestDebianTar(t *testing.T) {
+	b := DebianTar(t)
+	tr := tar.NewReader(bytes.NewReader(b))
+	seen := map[string]*tar.Header{}
+	for {
+		h, err := tr.Next()
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		if strings.HasPrefix(h.Name, "./") || strings.HasPrefix(h.Name, "/") {
+			t.Errorf("entry %q is not root-relative", h.Name)
+		}
+		seen[strings.TrimSuffix(h.Name, "/")] = h
+	}
+	for _, want := range []string{"etc/debian_version", "etc/passwd", "usr/bin/bash", "usr/bin/id"} {
+		if seen[want] == nil {
+			t.Errorf("%s missing from the Debian rootfs", want)
+		}
+	}
+	if h := seen["dev/null"]; h == nil || h.Typeflag != tar.TypeChar || h.Devmajor != 1 || h.Devminor != 3 {
+		t.Errorf("dev/null = %+v, want char 1:3", h)
+	}
+	if len(seen) < 1000 {
+		t.Errorf("only %d entries: not a Debian rootfs", len(seen))
+	}
+}

@@ -1,0 +1,117 @@
+package main
+
+import (
+	"bytes"
+	"fmt"
+	"os"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// openPTY returns the two ends of a new pseudo-terminal.
+func openPTY(t *testing.T) (master, slave *os.File) {
+	t.Helper()
+	master, err := os.OpenFile("/dev/ptmx", os.O_RDWR|unix.O_NOCTTY, 0)
+	if err != nil {
+		t.Skipf("no pseudo-terminals: %v", err)
+	}
+	if err := unix.IoctlSetPointerInt(int(master.Fd()), unix.TIOCSPTLCK, 0); err != nil {
+		master.Close()
+		t.Fatalf("unlockpt: %v", err)
+	}
+	n, err := unix.IoctlGetInt(int(master.Fd()), unix.TIOCGPTN)
+	if err != nil {
+		master.Close()
+		t.Fatalf("ptsname: %v", err)
+	}
+	slave, err = os.OpenFile(fmt.Sprintf("/dev/pts/%d", n), os.O_RDWR|unix.O_NOCTTY, 0)
+	if err != nil {
+		master.Close()
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { slave.Close(); master.Close() })
+	return master, slave
+}
+
+// syncBuffer is a bytes.Buffer safe for one writer and one reader.
+type syncBuffer struct {
+	mu sync.Mutex // guards b
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// TestProgress mounts with --daemon and stderr on a terminal (progress is
+// drawn there until ready), with --quiet (none), and with stderr a pipe
+// (none).
+func TestProgress(t *testing.T) {
+	needFUSE(t)
+	reg := newCountingRegistry(t)
+	ref, _, _, _ := fastImage(t, reg.addr)
+	tests := []struct {
+		name     string
+		terminal bool
+		flags    []string
+		want     []string // in the output; nil: no output at all
+	}{
+		{"terminal", true, nil, []string{"resolving " + ref, "TOCs", "2/2", "prefetch"}},
+		{"quiet", true, []string{"--quiet"}, nil},
+		{"pipe", false, nil, nil},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			e := newEnv(t)
+			cmd := e.cmd(append(append(tt.flags, "--daemon", "--background-fetch=false"), ref, e.target)...)
+			var out fmt.Stringer
+			if tt.terminal {
+				master, slave := openPTY(t)
+				buf := &syncBuffer{}
+				go func() {
+					p := make([]byte, 4096)
+					for {
+						n, err := master.Read(p)
+						buf.Write(p[:n])
+						if err != nil {
+							return
+						}
+					}
+				}()
+				cmd.Stdout, cmd.Stderr = slave, slave
+				out = buf
+			} else {
+				buf := &syncBuffer{}
+				cmd.Stdout, cmd.Stderr = buf, buf
+				out = buf
+			}
+			if err := cmd.Run(); err != nil {
+				t.Fatalf("mount: %v\n%s", err, out)
+			}
+			time.Sleep(200 * time.Millisecond) // let the terminal drain
+			got := out.String()
+			if tt.want == nil && strings.TrimSpace(got) != "" {
+				t.Errorf("output %q, want none", got)
+			}
+			for _, w := range tt.want {
+				if !strings.Contains(got, w) {
+					t.Errorf("output lacks %q:\n%q", w, got)
+				}
+			}
+			e.umount()
+			e.assertClean()
+		})
+	}
+}

@@ -1,0 +1,263 @@
+package reader
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/containerd/stargz-snapshotter/estargz"
+	"github.com/opencontainers/go-digest"
+
+	lt "github.com/stargz-mount/stargz-mount/internal/layertest"
+)
+
+// prioritized builds a layer whose files p0..p9 (3 chunks each) are
+// prioritized and r0..r9 are not.
+func prioritized(t *testing.T, prio []string) (*memBlob, digest.Digest, map[string][]byte) {
+	t.Helper()
+	files := map[string][]byte{}
+	var entries []lt.Entry
+	for i := range 10 {
+		for _, p := range []string{"p", "r"} {
+			name := fmt.Sprintf("%s%d", p, i)
+			files[name] = lt.Random(name, 150_000)
+			entries = append(entries, lt.File(name, files[name]))
+		}
+	}
+	b, err := lt.Estargz(lt.Tar(entries...), estargz.WithChunkSize(64<<10), estargz.WithPrioritizedFiles(prio))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &memBlob{data: b.Data}, digest.Digest(b.TOCDigest), files
+}
+
+func TestPrefetch(t *testing.T) {
+	prio := []string{"p0", "p1", "p2", "p3", "p4", "p5", "p6", "p7", "p8", "p9"}
+	tests := []struct {
+		name     string
+		prio     []string
+		requests int64 // made by Prefetch
+	}{
+		{"landmark: one request", prio, 1},
+		{"no.prefetch.landmark: none", nil, 0},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			blob, d, files := prioritized(t, tt.prio)
+			l := open(t, blob, d)
+			blob.reads.Store(0)
+			if err := l.Prefetch(context.Background()); err != nil {
+				t.Fatal(err)
+			}
+			if got := blob.reads.Load(); got != tt.requests {
+				t.Errorf("Prefetch made %d requests, want %d", got, tt.requests)
+			}
+			s := l.Stats()
+			if s.Requests != tt.requests {
+				t.Errorf("Stats().Requests = %d, want %d", s.Requests, tt.requests)
+			}
+			if tt.requests > 0 && (s.Prefetch != "done" || s.FetchedBytes <= 0 || s.FetchedBytes > s.PrefetchBytes) {
+				t.Errorf("stats after prefetch: %+v", s)
+			}
+			// Prioritized files read from the cache; the others fetch.
+			blob.reads.Store(0)
+			for _, p := range tt.prio {
+				if got := readAll(t, l, lookup(t, l, p)); !bytes.Equal(got, files[p]) {
+					t.Fatalf("%s differs", p)
+				}
+			}
+			if got := blob.reads.Load(); got != 0 {
+				t.Errorf("reading prioritized files made %d requests, want 0", got)
+			}
+			if got := readAll(t, l, lookup(t, l, "r3")); !bytes.Equal(got, files["r3"]) {
+				t.Fatal("r3 differs")
+			}
+			if got := blob.reads.Load(); got != 1 {
+				t.Errorf("reading r3 made %d requests, want 1", got)
+			}
+			s = l.Stats()
+			// r3: one miss fetches its three chunks, two hits follow.
+			if s.MemoryMisses != 1 || s.MemoryHits != int64(3*len(tt.prio)+2) {
+				t.Errorf("hits %d, misses %d; want %d, 1", s.MemoryHits, s.MemoryMisses, 3*len(tt.prio)+2)
+			}
+		})
+	}
+}
+
+// stoppable is a blob that can be made to fail every read, like a registry
+// that went away.
+type stoppable struct {
+	*memBlob
+	stopped atomic.Bool
+}
+
+func (s *stoppable) ReadAt(p []byte, off int64) (int, error) {
+	if s.stopped.Load() {
+		return 0, errors.New("registry stopped")
+	}
+	return s.memBlob.ReadAt(p, off)
+}
+
+func TestFetchAllCompletes(t *testing.T) {
+	blob, d, files := prioritized(t, []string{"p0", "p1"})
+	sb := &stoppable{memBlob: blob}
+	l, err := Open(context.Background(), sb, WithTOCDigest(d), WithCache(NewCache(64<<20)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := l.Prefetch(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	readAll(t, l, lookup(t, l, "r5")) // something kept on demand already
+	if s := l.Stats(); s.Complete {
+		t.Fatalf("complete before background fetch: %+v", s)
+	}
+	blob.reads.Store(0)
+	if err := FetchAll(context.Background(), []*Layer{l}, WithRangeSize(1<<20)); err != nil {
+		t.Fatal(err)
+	}
+	s := l.Stats()
+	if !s.Complete || s.FetchedBytes != s.TotalBytes || s.Background != "done" {
+		t.Fatalf("after FetchAll: %+v", s)
+	}
+	// 20 files of ~150 KB, three of them kept already: under 3 MiB in
+	// ranges of at most 1 MiB, split around the kept ones.
+	if r := blob.reads.Load(); r < 3 || r > 6 {
+		t.Errorf("FetchAll made %d requests, want 3 to 6", r)
+	}
+	sb.stopped.Store(true)
+	for name, want := range files {
+		if got := readAll(t, l, lookup(t, l, name)); !bytes.Equal(got, want) {
+			t.Errorf("%s differs", name)
+		}
+	}
+}
+
+func TestFetchAllBandwidth(t *testing.T) {
+	blob, d, _ := prioritized(t, nil)
+	l := open(t, blob, d, WithCache(NewCache(64<<20)))
+	total := l.Stats().TotalBytes
+	// Half the layer per second, with a burst of one range: about a second.
+	start := time.Now()
+	if err := FetchAll(context.Background(), []*Layer{l}, WithBandwidth(total/2), WithRangeSize(256<<10)); err != nil {
+		t.Fatal(err)
+	}
+	if el := time.Since(start); el < 700*time.Millisecond {
+		t.Errorf("fetching %d bytes at %d B/s took %v", total, total/2, el)
+	}
+	if !l.Stats().Complete {
+		t.Error("not complete")
+	}
+}
+
+// gatedBlob holds every large (background) read until its context is
+// cancelled or it is released, and logs what happens.
+type gatedBlob struct {
+	*memBlob
+	bgStarted   chan struct{} // receives when a large read starts
+	bgCancelled chan struct{} // closed when a large read is cancelled
+	release     chan struct{} // closed to let large reads through
+	armed       atomic.Bool   // off: reads pass through
+
+	mu  sync.Mutex // guards log
+	log []string
+}
+
+func (g *gatedBlob) note(s string) {
+	g.mu.Lock()
+	g.log = append(g.log, s)
+	g.mu.Unlock()
+}
+
+func (g *gatedBlob) ReadAtContext(ctx context.Context, p []byte, off int64) (int, error) {
+	if !g.armed.Load() {
+		return g.memBlob.ReadAt(p, off)
+	}
+	if len(p) < 1<<20 {
+		g.note("demand start")
+		defer g.note("demand end")
+		// The on-demand read waits for the background read to give way:
+		// if it does not, this read would have to wait for its transfer.
+		select {
+		case <-g.bgCancelled:
+		case <-time.After(5 * time.Second):
+			return 0, errors.New("background read still running during an on-demand read")
+		}
+		return g.memBlob.ReadAt(p, off)
+	}
+	g.note("bg start")
+	select {
+	case g.bgStarted <- struct{}{}:
+	default:
+	}
+	select {
+	case <-ctx.Done():
+		g.note("bg cancelled")
+		select {
+		case <-g.bgCancelled:
+		default:
+			close(g.bgCancelled)
+		}
+		return 0, ctx.Err()
+	case <-g.release:
+		return g.memBlob.ReadAt(p, off)
+	}
+}
+
+func TestBackgroundYieldsToDemand(t *testing.T) {
+	blob, d, files := prioritized(t, nil)
+	g := &gatedBlob{memBlob: blob, bgStarted: make(chan struct{}, 1), bgCancelled: make(chan struct{}), release: make(chan struct{})}
+	l, err := Open(context.Background(), g, WithTOCDigest(d), WithCache(NewCache(64<<20)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	g.armed.Store(true)
+	done := make(chan error, 1)
+	go func() { done <- FetchAll(context.Background(), []*Layer{l}, WithRangeSize(64<<20), WithQuiet(0)) }()
+	<-g.bgStarted
+	// An on-demand read while the background read is on the wire.
+	if got := readAll(t, l, lookup(t, l, "p4")); !bytes.Equal(got, files["p4"]) {
+		t.Fatal("p4 differs")
+	}
+	close(g.release)
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	g.mu.Lock()
+	log := slices.Clone(g.log)
+	g.mu.Unlock()
+	// The background read was abandoned during the on-demand one and none
+	// started until it ended.
+	at := func(ev string, from int) int {
+		if i := slices.Index(log[from:], ev); i >= 0 {
+			return from + i
+		}
+		return len(log)
+	}
+	end := at("demand end", 0)
+	if log[0] != "bg start" || at("bg cancelled", 0) > end || at("bg start", 1) < end || at("bg start", 1) == len(log) {
+		t.Errorf("events %q: want a background read, cancelled before the on-demand read ended, then another", log)
+	}
+	if !l.Stats().Complete {
+		t.Errorf("not complete after FetchAll: %+v", l.Stats())
+	}
+}
+
+func TestRecord(t *testing.T) {
+	blob, d, _ := prioritized(t, nil)
+	l := open(t, blob, d)
+	readAll(t, l, lookup(t, l, "r1")) // before Record: not listed
+	l.Record()
+	for _, p := range []string{"p3", "r1", "p3", "p0"} {
+		readAll(t, l, lookup(t, l, p))
+	}
+	if got, want := l.Recorded(), []string{"/p3", "/r1", "/p0"}; !slices.Equal(got, want) {
+		t.Errorf("Recorded() = %q, want %q", got, want)
+	}
+}

@@ -1,0 +1,216 @@
+package reader
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"log/slog"
+	"strconv"
+	"strings"
+	"sync"
+
+	"github.com/containerd/stargz-snapshotter/estargz"
+	"github.com/klauspost/compress/zstd"
+	"github.com/opencontainers/go-digest"
+)
+
+// zstd:chunked (containers/storage's partial-pull format, also written by
+// the estargz library's zstdchunked package) keeps each file chunk in its
+// own zstd frame and the TOC ("manifest", the eStargz TOC JSON) zstd-
+// compressed in a skippable frame near the end. The two writers differ in
+// the footer: the estargz library writes a 40-byte skippable frame ending
+// in "GnUlInUx", containers/storage a 64-byte one ending in "GNUlInUx"
+// (with tar-split data after the manifest). Both put the manifest's place
+// in the layer annotation manifest-position and the digest of its
+// compressed bytes in manifest-checksum, so OpenZstdChunked trusts the
+// annotations, which the manifest digest covers, and ignores the footer.
+
+// OpenZstdChunked opens a zstd:chunked layer from its manifest annotations:
+// position is "offset:length:uncompressedLength:type" and checksum the
+// digest of the length compressed bytes at offset. The TOC is checked
+// against checksum, and every chunk against its TOC digest when read. With
+// WithInsecureSkipVerify an empty checksum is accepted.
+func OpenZstdChunked(ctx context.Context, b Blob, checksum digest.Digest, position string, opts ...Option) (*Layer, error) {
+	o := options{name: "layer", opaqueXattr: "trusted.overlay.opaque"}
+	for _, opt := range opts {
+		opt(&o)
+	}
+	if o.cache == nil {
+		o.cache = NewCache(64 << 20)
+	}
+	if o.logger == nil {
+		o.logger = slog.Default()
+	}
+	fail := func(format string, a ...any) (*Layer, error) {
+		return nil, fmt.Errorf("open %s: zstd:chunked: "+format, append([]any{o.name}, a...)...)
+	}
+	off, length, rawLen, err := parsePosition(position)
+	if err != nil {
+		return fail("%v", err)
+	}
+	size := b.Size()
+	switch {
+	case off < 8 || length <= 0 || off > size || length > size-off:
+		return fail("manifest position %q lies outside the %d-byte blob", position, size)
+	case length > MaxTOCBytes:
+		return fail("TOC of %d bytes exceeds the limit of %d", length, MaxTOCBytes)
+	case rawLen > MaxTOCJSONBytes:
+		return fail("TOC of %d bytes decompressed exceeds the limit of %d", rawLen, MaxTOCJSONBytes)
+	}
+	if checksum == "" && !o.skipVerify {
+		return nil, fmt.Errorf("open %s: %w", o.name, ErrNoTOCDigest)
+	}
+	comp := make([]byte, length)
+	if err := readFull(ctx, b, comp, off); err != nil {
+		return fail("read TOC: %v", err)
+	}
+	if checksum != "" {
+		if err := checksum.Validate(); err != nil {
+			return fail("manifest checksum annotation: %v", err)
+		}
+		if got := checksum.Algorithm().FromBytes(comp); got != checksum {
+			return fail("TOC digest %s does not match the manifest's %s: refusing a tampered layer", got, checksum)
+		}
+	}
+	tocJSON, err := decompressTOC(comp)
+	if err != nil {
+		return fail("%v", err)
+	}
+	if err := checkTOCJSON(bytes.NewReader(tocJSON)); err != nil {
+		return fail("%v", err)
+	}
+	toc := new(estargz.JTOC)
+	if err := json.Unmarshal(tocJSON, toc); err != nil {
+		return fail("TOC JSON: %v", err)
+	}
+	tocDigest := digest.FromBytes(tocJSON)
+	er, err := openParsedTOC(size, &parsedTOC{toc: toc, digest: tocDigest})
+	if err != nil {
+		return fail("parse TOC: %v", err)
+	}
+	if er.TOCDigest() != tocDigest {
+		return fail("TOC was not the one verified")
+	}
+	l := &Layer{
+		name:      o.name,
+		blob:      b,
+		cache:     o.cache,
+		logger:    o.logger,
+		tocDigest: tocDigest,
+		tocOffset: off - 8, // the skippable frame's header
+		zstd:      true,
+	}
+	if err := l.build(er, o.opaqueXattr, !o.skipVerify); err != nil {
+		return nil, fmt.Errorf("open %s: %w", o.name, err)
+	}
+	return l, nil
+}
+
+// parsePosition parses "offset:length:uncompressedLength:type" (type 1, the
+// eStargz-style TOC, is the only one).
+func parsePosition(s string) (off, length, rawLen int64, err error) {
+	f := strings.Split(s, ":")
+	if len(f) != 4 {
+		return 0, 0, 0, fmt.Errorf("manifest position %q: want offset:length:uncompressedLength:type", s)
+	}
+	var v [4]int64
+	for i, x := range f {
+		if v[i], err = strconv.ParseInt(x, 10, 64); err != nil || v[i] < 0 {
+			return 0, 0, 0, fmt.Errorf("manifest position %q: bad number %q", s, x)
+		}
+	}
+	if v[3] != 1 {
+		return 0, 0, 0, fmt.Errorf("manifest position %q: TOC type %d is not supported (want 1)", s, v[3])
+	}
+	return v[0], v[1], v[2], nil
+}
+
+func decompressTOC(comp []byte) ([]byte, error) {
+	zr, err := zstd.NewReader(bytes.NewReader(comp), zstd.WithDecoderConcurrency(1), zstd.WithDecoderMaxMemory(MaxTOCJSONBytes+1))
+	if err != nil {
+		return nil, err
+	}
+	defer zr.Close()
+	out, err := io.ReadAll(io.LimitReader(zr, MaxTOCJSONBytes+1))
+	if err != nil {
+		return nil, fmt.Errorf("TOC is not zstd: %v", err)
+	}
+	if len(out) > MaxTOCJSONBytes {
+		return nil, fmt.Errorf("TOC decompresses to more than the limit of %d bytes", MaxTOCJSONBytes)
+	}
+	return out, nil
+}
+
+// parsedTOC is an estargz.Decompressor that hands the estargz library a
+// TOC already read and verified, whatever the blob's footer says.
+type parsedTOC struct {
+	toc    *estargz.JTOC
+	digest digest.Digest
+}
+
+func (p *parsedTOC) Reader(r io.Reader) (io.ReadCloser, error) {
+	d, err := zstd.NewReader(r)
+	if err != nil {
+		return nil, err
+	}
+	return d.IOReadCloser(), nil
+}
+func (p *parsedTOC) FooterSize() int64 { return 0 }
+func (p *parsedTOC) ParseFooter([]byte) (int64, int64, int64, error) {
+	return 0, -1, 0, nil // the TOC is "elsewhere": ParseTOC(nil) returns it
+}
+func (p *parsedTOC) ParseTOC(io.Reader) (*estargz.JTOC, digest.Digest, error) {
+	return p.toc, p.digest, nil
+}
+func (p *parsedTOC) DecompressTOC(io.Reader) (io.ReadCloser, error) {
+	return nil, fmt.Errorf("not supported")
+}
+
+// zeros is a ReaderAt of zero bytes: the estargz library reads a footer
+// from it and finds none but parsedTOC's.
+type zeros struct{}
+
+func (zeros) ReadAt(p []byte, _ int64) (int, error) {
+	clear(p)
+	return len(p), nil
+}
+
+func openParsedTOC(size int64, p *parsedTOC) (r *estargz.Reader, err error) {
+	defer recoverInto(&err)
+	return estargz.Open(io.NewSectionReader(zeros{}, 0, size), estargz.WithDecompressors(p))
+}
+
+var zstdDecoders = sync.Pool{New: func() any {
+	d, err := zstd.NewReader(nil, zstd.WithDecoderConcurrency(1), zstd.WithDecoderMaxMemory(2*MaxChunkSize))
+	if err != nil {
+		panic(err)
+	}
+	return d
+}}
+
+// decodeZstd decompresses and verifies chunk c of a zstd:chunked layer: a
+// zstd frame holding the chunk's bytes.
+func decodeZstd(c *chunk, comp []byte) ([]byte, error) {
+	zr := zstdDecoders.Get().(*zstd.Decoder)
+	defer zstdDecoders.Put(zr)
+	if err := zr.Reset(bytes.NewReader(comp)); err != nil {
+		return nil, fmt.Errorf("%w: blob bytes %d-%d are not zstd: %v", ErrCorrupt, c.blobOff, c.blobEnd-1, err)
+	}
+	if _, err := io.CopyN(io.Discard, zr, c.inner); err != nil {
+		return nil, fmt.Errorf("%w: zstd frame at %d ends before inner offset %d: %v", ErrCorrupt, c.blobOff, c.inner, err)
+	}
+	data := make([]byte, c.size)
+	if _, err := io.ReadFull(zr, data); err != nil {
+		return nil, fmt.Errorf("%w: zstd frame at %d holds less than the %d bytes the TOC declares: %v", ErrCorrupt, c.blobOff, c.size, err)
+	}
+	if c.digest != "" {
+		v := c.digest.Verifier()
+		v.Write(data)
+		if !v.Verified() {
+			return nil, fmt.Errorf("%w: chunk at blob offset %d does not match its digest %s", ErrCorrupt, c.blobOff, c.digest)
+		}
+	}
+	return data, nil
+}
