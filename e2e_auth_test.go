@@ -385,7 +385,9 @@ func TestAuthTokenRefresh(t *testing.T) {
 	os.WriteFile(caFile, ca.pem, 0o644)
 
 	e := newEnv(t)
-	out, err := e.mountWith([]string{"HOME=" + t.TempDir()}, ref, "--ca-file", caFile, "--creds", authUser+":"+authPass)
+	// No background fetch: every file read below must go to the registry.
+	out, err := e.mountWith([]string{"HOME=" + t.TempDir()}, ref, "--ca-file", caFile, "--creds", authUser+":"+authPass,
+		"--background-fetch=false")
 	if err != nil {
 		t.Fatalf("mount: %v\n%s", err, out)
 	}

@@ -83,7 +83,7 @@ func TestRegistryGone(t *testing.T) {
 	}
 	t.Cleanup(p.Close)
 	e := newEnv(t)
-	e.mount(p.Addr()+"/gone:1", "--fetch-timeout", "3s")
+	e.mount(p.Addr()+"/gone:1", "--fetch-timeout", "3s", "--background-fetch=false")
 	p.SetDown(true)
 
 	start := time.Now()
