@@ -43,6 +43,9 @@ func OpenZstdChunked(ctx context.Context, b Blob, checksum digest.Digest, positi
 	if o.logger == nil {
 		o.logger = slog.Default()
 	}
+	if o.demand == nil {
+		o.demand = NewDemand()
+	}
 	fail := func(format string, a ...any) (*Layer, error) {
 		return nil, fmt.Errorf("open %s: zstd:chunked: "+format, append([]any{o.name}, a...)...)
 	}
@@ -101,6 +104,7 @@ func OpenZstdChunked(ctx context.Context, b Blob, checksum digest.Digest, positi
 		tocDigest: tocDigest,
 		tocOffset: off - 8, // the skippable frame's header
 		zstd:      true,
+		demand:    o.demand,
 	}
 	if err := l.build(er, o.opaqueXattr, !o.skipVerify); err != nil {
 		return nil, fmt.Errorf("open %s: %w", o.name, err)
