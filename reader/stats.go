@@ -3,6 +3,7 @@ package reader
 import (
 	"cmp"
 	"slices"
+	"sort"
 	"sync"
 	"sync/atomic"
 )
@@ -109,10 +110,13 @@ func (l *Layer) index() []unit {
 // find returns the index of c's unit, or -1.
 func (l *Layer) find(c *chunk) int {
 	units := l.index()
-	i, ok := slices.BinarySearchFunc(units, c, func(u unit, c *chunk) int {
-		return cmp.Or(cmp.Compare(u.c.blobOff, c.blobOff), cmp.Compare(u.c.inner, c.inner))
+	// Read only the fixed field c: kept changes under a.mu while other
+	// fetches look their chunks up (a copy of the whole unit would race).
+	i := sort.Search(len(units), func(k int) bool {
+		u := units[k].c
+		return cmp.Or(cmp.Compare(u.blobOff, c.blobOff), cmp.Compare(u.inner, c.inner)) >= 0
 	})
-	if !ok {
+	if i == len(units) || units[i].c.blobOff != c.blobOff || units[i].c.inner != c.inner {
 		return -1
 	}
 	return i
