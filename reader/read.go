@@ -52,14 +52,18 @@ func (l *Layer) ReadAt(ctx context.Context, n *Node, p []byte, off int64) (int, 
 
 // Fetch planning. On a miss, the chunk asked for and the file's following
 // chunks that are neither cached nor in flight come in one request of at
-// most runBytes compressed bytes. A gap of at most maxGap (chunks already
+// most runBytes compressed bytes, with the chunks of the files stored
+// after it up to neighbourBytes. A gap of at most maxGap (chunks already
 // cached or being fetched) is fetched along, being cheaper than a round
 // trip; a larger one starts a new range of the same multi-range request,
 // up to maxRanges.
 const (
-	runBytes  = 4 << 20
-	maxGap    = 64 << 10
-	maxRanges = 8
+	runBytes       = 4 << 20
+	maxGap         = 64 << 10
+	maxRanges      = 8
+	neighbourBytes = 1 << 20
+	// lookBytes bounds how far past the chunk asked for a plan looks.
+	lookBytes = 2*runBytes + neighbourBytes
 )
 
 // fetchTimeout bounds one chunk fetch, retries included; the blob's own
@@ -79,8 +83,12 @@ type fetchTable struct {
 	failed   map[string]failure  // by chunk key
 	seq      map[*Node]*seqState // by file being read
 
-	ahead   atomic.Int64 // compressed bytes of read-ahead fetches in flight
-	loading atomic.Int64 // bytes of read-ahead store loads in flight
+	orderOnce sync.Once
+	order     []placed // every chunk of the layer in blob order
+
+	ahead      atomic.Int64 // compressed bytes of read-ahead fetches in flight
+	aheadPlans atomic.Int64 // read-ahead fetches in flight
+	loading    atomic.Int64 // bytes of read-ahead store loads in flight
 }
 
 // call is one chunk's fetch; done is closed when data or err is set.
@@ -96,13 +104,13 @@ type failure struct {
 	until time.Time
 }
 
-// plan is one fetch: chunks of one file, read as ranges of the blob.
+// plan is one fetch: chunks read as ranges of the blob.
 type plan struct {
-	n      *Node
-	chunks []int   // indexes into n.chunks, ascending
-	calls  []*call // one per chunk
-	ranges []span  // blob ranges to read, ascending, covering the chunks
-	bytes  int64   // compressed bytes to read
+	chunks []*chunk // in blob order
+	owners []*Node  // the file of each chunk
+	calls  []*call  // one per chunk
+	ranges []span   // blob ranges to read, ascending, covering the chunks
+	bytes  int64    // compressed bytes to read
 	ahead  bool
 }
 
@@ -124,7 +132,6 @@ func (l *Layer) chunk(ctx context.Context, n *Node, i int) ([]byte, error) {
 	if b, ok, looked := l.cache.getStore(key); looked {
 		if ok && int64(len(b)) == c.size {
 			l.acct.diskHits.Add(1)
-			l.mark(c)
 			return b, nil
 		}
 		l.acct.diskMisses.Add(1)
@@ -140,7 +147,7 @@ func (l *Layer) chunk(ctx context.Context, n *Node, i int) ([]byte, error) {
 		if cl == nil {
 			// Fetches finish by caching, then leaving the table: a
 			// chunk no longer in flight may have just been cached.
-			if b, ok := l.cache.get(key); ok && int64(len(b)) == c.size {
+			if b, ok := l.cache.getMemory(key); ok && int64(len(b)) == c.size {
 				t.mu.Unlock()
 				return b, nil
 			}
@@ -148,7 +155,7 @@ func (l *Layer) chunk(ctx context.Context, n *Node, i int) ([]byte, error) {
 				t.mu.Unlock()
 				return nil, fmt.Errorf("read %s %s at %d: %w", l.name, n.Path(), c.off, f.err)
 			}
-			p := l.planLocked(n, i, c.off+2*runBytes, runBytes, false)
+			p := l.planLocked(n, i, n.Size, runBytes, false)
 			cl = p.calls[0]
 			t.mu.Unlock()
 			go l.run(p)
@@ -175,36 +182,64 @@ func (l *Layer) chunk(ctx context.Context, n *Node, i int) ([]byte, error) {
 	}
 }
 
-// planLocked plans a fetch of at most limit compressed bytes starting at
-// chunk i of n, looking no further than file offset end, and registers its
-// calls as in flight. A read's plan always holds chunk i; a read-ahead's
-// skips leading chunks that are cached or in flight and may be empty.
-// Bounding the look by end matters: every chunk looked at may cost a stat
-// of the disk cache. The caller holds l.fetches.mu.
+// planLocked plans a fetch starting at chunk i of n and registers its
+// calls as in flight. It walks the layer's chunks in blob order, so the
+// files stored after n (the next files of a directory, usually) come along
+// in the same request, up to neighbourBytes of them. A read's plan always
+// holds chunk i; a read-ahead's skips leading chunks that are cached or in
+// flight and may be empty. It looks at the chunks of n before file offset
+// end and at no chunk more than lookBytes past chunk i in the blob: every
+// chunk looked at may cost a stat of the disk cache. The caller holds
+// l.fetches.mu.
 func (l *Layer) planLocked(n *Node, i int, end, limit int64, ahead bool) *plan {
 	t := &l.fetches
 	if t.inflight == nil {
 		t.inflight = map[string]*call{}
 		t.failed = map[string]failure{}
 	}
-	p := &plan{n: n, ahead: ahead}
+	t.orderOnce.Do(func() { t.order = blobOrder(l.root) })
+	order := t.order
+	c0 := &n.chunks[i]
+	pos := sort.Search(len(order), func(k int) bool {
+		c := order[k].c
+		return c.blobOff > c0.blobOff || (c.blobOff == c0.blobOff && c.inner >= c0.inner)
+	})
+	for pos < len(order) && order[pos].c != c0 {
+		pos++
+	}
+	if pos == len(order) { // not in the walk (cannot happen): this chunk alone
+		order, pos = []placed{{c0, n}}, 0
+	}
+	p := &plan{ahead: ahead}
+	var foreign int64 // bytes of other files planned
 	now := time.Now()
-	for j := i; j < len(n.chunks) && (j == i || n.chunks[j].off < end); j++ {
-		c := &n.chunks[j]
+	for k := pos; k < len(order); k++ {
+		c := order[k].c
+		if k > pos && (c.blobOff-c0.blobOff > lookBytes || (order[k].n == n && c.off >= end)) {
+			return p
+		}
 		key := l.key(c)
-		if j > i || ahead {
-			if t.inflight[key] != nil {
-				continue
-			}
+		if k > pos || ahead {
+			covered := t.inflight[key] != nil
 			if f, ok := t.failed[key]; ok && now.Before(f.until) {
-				continue
+				covered = true
 			}
-			if l.cache.has(key) {
+			covered = covered || l.cache.has(key)
+			if covered {
+				if order[k].n != n && len(p.chunks) == 0 {
+					return p // read-ahead found nothing left of its file
+				}
 				continue
 			}
 		}
-		if k := len(p.ranges); k > 0 {
-			last := &p.ranges[k-1]
+		size := c.blobEnd - c.blobOff
+		if order[k].n != n {
+			if foreign+size > neighbourBytes {
+				return p
+			}
+		}
+		if r := len(p.ranges); r > 0 {
+			last := &p.ranges[r-1]
 			gap := c.blobOff - last.end
 			switch {
 			case gap <= maxGap:
@@ -214,23 +249,58 @@ func (l *Layer) planLocked(n *Node, i int, end, limit int64, ahead bool) *plan {
 				}
 				p.bytes += grow
 				last.end += grow
-			case k < maxRanges && p.bytes+c.blobEnd-c.blobOff <= limit:
+			case r < maxRanges && p.bytes+size <= limit:
 				p.ranges = append(p.ranges, span{c.blobOff, c.blobEnd})
-				p.bytes += c.blobEnd - c.blobOff
+				p.bytes += size
 			default:
 				return p
 			}
 		} else {
 			p.ranges = append(p.ranges, span{c.blobOff, c.blobEnd})
-			p.bytes = c.blobEnd - c.blobOff
+			p.bytes = size
+		}
+		if order[k].n != n {
+			foreign += size
 		}
 		cl := &call{done: make(chan struct{}), ahead: ahead}
 		t.inflight[key] = cl
 		delete(t.failed, key)
-		p.chunks = append(p.chunks, j)
+		p.chunks = append(p.chunks, c)
+		p.owners = append(p.owners, order[k].n)
 		p.calls = append(p.calls, cl)
 	}
 	return p
+}
+
+// placed is a chunk and the file it belongs to.
+type placed struct {
+	c *chunk
+	n *Node
+}
+
+// blobOrder lists the chunks of every file under root in blob order.
+func blobOrder(root *Node) []placed {
+	var out []placed
+	seen := map[*Node]bool{}
+	var walk func(n *Node)
+	walk = func(n *Node) {
+		if seen[n] {
+			return
+		}
+		seen[n] = true
+		for k := range n.chunks {
+			out = append(out, placed{&n.chunks[k], n})
+		}
+		for _, d := range n.children {
+			walk(d.Node)
+		}
+	}
+	walk(root)
+	sort.Slice(out, func(a, b int) bool {
+		ca, cb := out[a].c, out[b].c
+		return ca.blobOff < cb.blobOff || (ca.blobOff == cb.blobOff && ca.inner < cb.inner)
+	})
+	return out
 }
 
 // rangesReader is implemented by blobs that read several ranges in one go
@@ -271,8 +341,7 @@ func (l *Layer) run(p *plan) {
 		l.counted(int(p.bytes))
 	}
 	k := 0
-	for x, j := range p.chunks {
-		c := &p.n.chunks[j]
+	for x, c := range p.chunks {
 		cl := p.calls[x]
 		if err != nil {
 			cl.err = err
@@ -290,8 +359,8 @@ func (l *Layer) run(p *plan) {
 	t := &l.fetches
 	t.mu.Lock()
 	until := time.Now().Add(failureMemory)
-	for x, j := range p.chunks {
-		key := l.key(&p.n.chunks[j])
+	for x, c := range p.chunks {
+		key := l.key(c)
 		delete(t.inflight, key)
 		if cl := p.calls[x]; cl.err != nil && !cl.ahead {
 			t.failed[key] = failure{err: cl.err, until: until}

@@ -6,12 +6,15 @@ import "sort"
 // reader are fetched in parallel requests of aheadRequest compressed bytes,
 // up to aheadWindow file bytes ahead (at most half the cache's fresh tier,
 // so read-ahead does not evict itself), with at most aheadInFlight
-// compressed bytes in flight per layer. The fetcher bounds the requests per
-// host; the rest queue there.
+// compressed bytes and aheadParallel requests in flight per layer.
 const (
 	aheadRequest  = 2 << 20
 	aheadWindow   = 32 << 20
 	aheadInFlight = 64 << 20
+	// Read-ahead requests in flight per layer. Few, so they finish in
+	// order: many parallel requests share the link evenly and all finish
+	// together, after which the link idles while new ones start.
+	aheadParallel = 4
 	// A read starting within aheadSlack of where the previous one ended
 	// continues a sequential run (the kernel reorders its reads a little).
 	aheadSlack = 512 << 10
@@ -70,7 +73,7 @@ func (l *Layer) noteRead(n *Node, off, size int64) {
 	if from >= to || (to-from < aheadRequest && to < n.Size) {
 		return // top up in whole requests
 	}
-	for from < to && t.ahead.Load() < aheadInFlight {
+	for from < to && t.ahead.Load() < aheadInFlight && t.aheadPlans.Load() < aheadParallel {
 		i := sort.Search(len(n.chunks), func(i int) bool { return n.chunks[i].off+n.chunks[i].size > from })
 		if i >= len(n.chunks) {
 			break
@@ -80,12 +83,18 @@ func (l *Layer) noteRead(n *Node, off, size int64) {
 			from = to // nothing left to fetch up to the window's end
 			break
 		}
-		last := &n.chunks[p.chunks[len(p.chunks)-1]]
-		from = last.off + last.size
+		// On past the last chunk of this file the plan holds.
+		for x, c := range p.chunks {
+			if p.owners[x] == n {
+				from = max(from, c.off+c.size)
+			}
+		}
 		t.ahead.Add(p.bytes)
+		t.aheadPlans.Add(1)
 		go func() {
 			l.run(p)
 			t.ahead.Add(-p.bytes)
+			t.aheadPlans.Add(-1)
 		}()
 	}
 	s.ahead = max(s.ahead, from)

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"sync"
 	"sync/atomic"
@@ -101,7 +102,7 @@ func readSeq(t *testing.T, l *Layer, n *Node, step int) []byte {
 }
 
 func TestSequentialReadAhead(t *testing.T) {
-	content := lt.Random("seq", 12<<20) // 192 chunks of 64 KiB
+	content := lt.Random("seq", 8<<20) // 128 chunks of 64 KiB
 	blob, d := buildNet(t, 64<<10, lt.File("f", content))
 	blob.delay = 20 * time.Millisecond
 	l, err := Open(context.Background(), blob, WithTOCDigest(d), WithCache(NewCache(256<<20)))
@@ -121,10 +122,10 @@ func TestSequentialReadAhead(t *testing.T) {
 			t.Errorf("request %d reads %d bytes, more than %d", i, r[1], runBytes)
 		}
 	}
-	// 12 MiB in 2-4 MiB requests, a few partial ones where read-ahead
+	// 8 MiB in 2-4 MiB requests, a few partial ones where read-ahead
 	// meets the reader.
-	if len(reqs) < 4 || len(reqs) > 12 {
-		t.Errorf("%d requests for 12 MiB, want 4-12: %v", len(reqs), reqs)
+	if len(reqs) < 3 || len(reqs) > 8 {
+		t.Errorf("%d requests for 8 MiB, want 3-8: %v", len(reqs), reqs)
 	}
 	// One request at a time would take len(reqs) × delay.
 	if blob.peak < 2 {
@@ -137,14 +138,14 @@ func TestSequentialReadAhead(t *testing.T) {
 	n2 := lookup(t, l2, "f")
 	blob.reset()
 	p := make([]byte, 4096)
-	for _, off := range []int64{11 << 20, 6 << 20, 1 << 20} {
+	for _, off := range []int64{7 << 20, 3 << 20} {
 		if _, err := l2.ReadAt(context.Background(), n2, p, off); err != nil {
 			t.Fatal(err)
 		}
 	}
 	time.Sleep(50 * time.Millisecond) // any stray read-ahead would show by now
-	if r := blob.requests(); len(r) != 3 {
-		t.Errorf("3 random reads made %d requests: %v", len(r), r)
+	if r := blob.requests(); len(r) != 2 {
+		t.Errorf("2 random reads made %d requests: %v", len(r), r)
 	}
 }
 
@@ -263,5 +264,34 @@ func TestFailureRemembered(t *testing.T) {
 	time.Sleep(failureMemory + 50*time.Millisecond)
 	if _, err := l.ReadAt(context.Background(), n, p, 0); err != nil || !bytes.Equal(p, content[:100]) {
 		t.Fatalf("ReadAt after the failure expired: %v", err)
+	}
+}
+
+// TestNeighbourFiles: reading the small files of a directory one after the
+// other costs a request per neighbourBytes, not one per file.
+func TestNeighbourFiles(t *testing.T) {
+	entries := []lt.Entry{lt.Dir("many")}
+	want := map[string][]byte{}
+	for i := range 200 {
+		name := fmt.Sprintf("many/f%03d", i)
+		data := lt.Random(name, 100+i*37)
+		want[name] = data
+		entries = append(entries, lt.File(name, data))
+	}
+	blob, d := buildNet(t, 64<<10, entries...)
+	l, err := Open(context.Background(), blob, WithTOCDigest(d))
+	if err != nil {
+		t.Fatal(err)
+	}
+	blob.reset()
+	dir := lookup(t, l, "many")
+	for _, e := range dir.Children() {
+		got := readAll(t, l, e.Node)
+		if !bytes.Equal(got, want["many/"+e.Name]) {
+			t.Fatalf("%s differs", e.Name)
+		}
+	}
+	if r := blob.requests(); len(r) > 3 {
+		t.Errorf("reading 200 small files made %d requests, want at most 3", len(r))
 	}
 }
