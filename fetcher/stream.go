@@ -19,28 +19,43 @@ const maxResumes = 5
 // stall timeout counts as dropped). The bytes are not verified here: hash
 // them if they must match the digest. Reads after ctx is done fail.
 func (b *Blob) Open(ctx context.Context) (io.ReadCloser, error) {
-	s := &stream{b: b, ctx: ctx, what: fmt.Sprintf("%s@%s", b.img.repo, b.digest)}
+	return b.OpenRange(ctx, 0, b.size)
+}
+
+// OpenRange streams blob bytes [off, off+n) with one Range request,
+// resuming like Open. Unlike ReadAt, the bytes can be used as they arrive:
+// a reader decodes the first chunks of a long range while the rest is on
+// the wire.
+func (b *Blob) OpenRange(ctx context.Context, off, n int64) (io.ReadCloser, error) {
+	if off < 0 || n < 0 || off+n > b.size {
+		return nil, fmt.Errorf("range %d+%d outside the %d-byte blob %s", off, n, b.size, b.digest)
+	}
+	s := &stream{b: b, ctx: ctx, what: fmt.Sprintf("%s@%s", b.img.repo, b.digest), start: off, off: off, end: off + n}
+	if n == 0 {
+		return s, nil
+	}
 	if err := s.reconnect(); err != nil {
 		return nil, err
 	}
 	return s, nil
 }
 
-// stream is an open whole-blob download.
+// stream is an open download of blob bytes [start, end).
 type stream struct {
-	b       *Blob
-	ctx     context.Context
-	what    string
-	body    io.Reader // nil between connections
-	done    func()    // releases the current response
-	off     int64     // bytes delivered so far
-	resumes int
+	b          *Blob
+	ctx        context.Context
+	what       string
+	body       io.Reader // nil between connections
+	done       func()    // releases the current response
+	start, end int64
+	off        int64 // next blob offset to deliver
+	resumes    int
 }
 
 func (s *stream) connect() error {
 	rng := ""
-	if s.off > 0 {
-		rng = fmt.Sprintf("bytes=%d-%d", s.off, s.b.size-1)
+	if s.off > 0 || s.end < s.b.size {
+		rng = fmt.Sprintf("bytes=%d-%d", s.off, s.end-1)
 	}
 	resp, progress, done, err := s.b.open(s.ctx, rng)
 	if err != nil {
@@ -54,7 +69,7 @@ func (s *stream) connect() error {
 			done()
 			return s.b.classify(s.what, fmt.Errorf("skipping to %d in a whole-blob answer: %w", s.off, err))
 		}
-	case resp.StatusCode == http.StatusPartialContent && s.off > 0:
+	case resp.StatusCode == http.StatusPartialContent && rng != "":
 		start, _, err := contentRange(resp.Header.Get("Content-Range"))
 		if err != nil || start != s.off {
 			done()
@@ -71,13 +86,13 @@ func (s *stream) connect() error {
 
 func (s *stream) Read(p []byte) (int, error) {
 	for {
-		if s.off >= s.b.size {
+		if s.off >= s.end {
 			return 0, io.EOF
 		}
 		if err := s.reconnect(); err != nil {
 			return 0, err
 		}
-		if rest := s.b.size - s.off; int64(len(p)) > rest {
+		if rest := s.end - s.off; int64(len(p)) > rest {
 			p = p[:rest]
 		}
 		n, err := s.body.Read(p)
@@ -124,7 +139,7 @@ func (s *stream) backoff(cause error) error {
 	}
 	if s.resumes >= maxResumes {
 		return &Error{Op: "fetch blob", Ref: s.what, Kind: KindTransient,
-			Err: fmt.Errorf("gave up at byte %d of %d after %d resumes: %w", s.off, s.b.size, s.resumes, cause)}
+			Err: fmt.Errorf("gave up at byte %d of %d-%d after %d resumes: %w", s.off, s.start, s.end-1, s.resumes, cause)}
 	}
 	delay := backoff(s.resumes)
 	var fe *Error

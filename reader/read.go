@@ -315,6 +315,10 @@ type rangesReader interface {
 func (l *Layer) run(p *plan) {
 	ctx, cancel := context.WithTimeout(context.Background(), fetchTimeout)
 	defer cancel()
+	if rs, ok := l.blob.(rangeStreamer); ok && len(p.ranges) == 1 && len(p.chunks) > 1 {
+		l.runStream(ctx, p, rs)
+		return
+	}
 	bufs := make([][]byte, len(p.ranges))
 	offs := make([]int64, len(p.ranges))
 	for k, r := range p.ranges {
@@ -356,10 +360,57 @@ func (l *Layer) run(p *plan) {
 			l.keep(c, cl.data)
 		}
 	}
+	l.finish(p, 0, len(p.chunks))
+}
+
+// rangeStreamer is implemented by blobs that stream a range as it arrives
+// (the fetcher's OpenRange).
+type rangeStreamer interface {
+	OpenRange(ctx context.Context, off, n int64) (io.ReadCloser, error)
+}
+
+// runStream is run for a plan of one range from a blob that streams: each
+// chunk is decoded, kept and handed to its readers as soon as its bytes
+// are in, rather than when the whole range is. A sequential reader thus
+// follows the download the way it would follow one GET of the blob.
+func (l *Layer) runStream(ctx context.Context, p *plan, rs rangeStreamer) {
+	r := p.ranges[0]
+	buf := make([]byte, r.end-r.off)
+	rc, err := rs.OpenRange(ctx, r.off, r.end-r.off)
+	if err == nil {
+		defer rc.Close()
+	}
+	got := int64(0) // bytes of buf filled
+	for x, c := range p.chunks {
+		cl := p.calls[x]
+		if need := c.blobEnd - r.off; err == nil && got < need {
+			var n int
+			n, err = io.ReadFull(rc, buf[got:need])
+			got += int64(n)
+		}
+		if err != nil {
+			cl.err = fmt.Errorf("fetch blob bytes %d-%d: %w", r.off, r.end-1, err)
+		} else {
+			cl.data, cl.err = decode(c, buf[c.blobOff-r.off:c.blobEnd-r.off])
+			if cl.err == nil {
+				l.keep(c, cl.data)
+			}
+		}
+		l.finish(p, x, x+1)
+	}
+	if err == nil {
+		l.counted(int(p.bytes))
+	}
+}
+
+// finish takes the calls [from, to) of p, their data or error set, out of
+// the fetch table, remembering failures, and wakes their readers.
+func (l *Layer) finish(p *plan, from, to int) {
 	t := &l.fetches
 	t.mu.Lock()
 	until := time.Now().Add(failureMemory)
-	for x, c := range p.chunks {
+	for x := from; x < to; x++ {
+		c := p.chunks[x]
 		key := l.key(c)
 		delete(t.inflight, key)
 		if cl := p.calls[x]; cl.err != nil && !cl.ahead {
@@ -375,7 +426,7 @@ func (l *Layer) run(p *plan) {
 		}
 	}
 	t.mu.Unlock()
-	for _, cl := range p.calls {
+	for _, cl := range p.calls[from:to] {
 		close(cl.done)
 	}
 }

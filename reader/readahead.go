@@ -8,7 +8,7 @@ import "sort"
 // so read-ahead does not evict itself), with at most aheadInFlight
 // compressed bytes and aheadParallel requests in flight per layer.
 const (
-	aheadRequest  = 2 << 20
+	aheadRequest  = 16 << 20
 	aheadWindow   = 32 << 20
 	aheadInFlight = 64 << 20
 	// Read-ahead requests in flight per layer. Few, so they finish in

@@ -102,7 +102,7 @@ func readSeq(t *testing.T, l *Layer, n *Node, step int) []byte {
 }
 
 func TestSequentialReadAhead(t *testing.T) {
-	content := lt.Random("seq", 8<<20) // 128 chunks of 64 KiB
+	content := lt.Random("seq", 40<<20) // 640 chunks of 64 KiB
 	blob, d := buildNet(t, 64<<10, lt.File("f", content))
 	blob.delay = 20 * time.Millisecond
 	l, err := Open(context.Background(), blob, WithTOCDigest(d), WithCache(NewCache(256<<20)))
@@ -118,14 +118,14 @@ func TestSequentialReadAhead(t *testing.T) {
 	elapsed := time.Since(start)
 	reqs := blob.requests()
 	for i, r := range reqs {
-		if r[1] > runBytes {
-			t.Errorf("request %d reads %d bytes, more than %d", i, r[1], runBytes)
+		if r[1] > aheadRequest {
+			t.Errorf("request %d reads %d bytes, more than %d", i, r[1], aheadRequest)
 		}
 	}
-	// 8 MiB in 2-4 MiB requests, a few partial ones where read-ahead
-	// meets the reader.
-	if len(reqs) < 3 || len(reqs) > 8 {
-		t.Errorf("%d requests for 8 MiB, want 3-8: %v", len(reqs), reqs)
+	// 40 MiB: the read's own 4 MiB, then read-ahead requests of up to
+	// 16 MiB, a few partial ones where read-ahead meets the reader.
+	if len(reqs) < 3 || len(reqs) > 12 {
+		t.Errorf("%d requests for 40 MiB, want 3-12: %v", len(reqs), reqs)
 	}
 	// One request at a time would take len(reqs) × delay.
 	if blob.peak < 2 {
@@ -138,7 +138,7 @@ func TestSequentialReadAhead(t *testing.T) {
 	n2 := lookup(t, l2, "f")
 	blob.reset()
 	p := make([]byte, 4096)
-	for _, off := range []int64{7 << 20, 3 << 20} {
+	for _, off := range []int64{37 << 20, 3 << 20} {
 		if _, err := l2.ReadAt(context.Background(), n2, p, off); err != nil {
 			t.Fatal(err)
 		}
