@@ -218,94 +218,173 @@ func statsOf(t *testing.T, target string) stats.Snapshot {
 }
 
 // TestSharedLayers: two images mounted at once share the FUSE mount of
-// their common layer, across two processes; the one serving it keeps
-// serving after its own unmount until the other is unmounted too, and then
-// nothing is left.
+// their common layer, across two processes; whichever is unmounted first,
+// the shared layer stays for the other (the serving process serves on
+// after its own unmount), and once both are unmounted nothing is left.
 func TestSharedLayers(t *testing.T) {
 	needFUSE(t)
 	host := lt.InProcessRegistry(t)
 	imgs := buildSharedImages(t, host)
-	a := newEnv(t)
-	b := a.sibling()
-	mnt := imgs.sharedMnt(t, a.cache)
-	t.Cleanup(func() {
-		// Last resort, after the servers were killed.
-		if fuseMountsAt(t, mnt) > 0 {
-			unix.Unmount(mnt, unix.MNT_DETACH)
-		}
-		os.RemoveAll(filepath.Dir(mnt))
-	})
-	sa := a.serveFG(imgs.refA)
-	sb := b.serveFG(imgs.refB)
+	tests := []struct {
+		name        string
+		serverFirst bool // unmount A, which serves the shared layer, first
+	}{
+		{name: "server unmounted first", serverFirst: true},
+		{name: "borrower unmounted first"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			a := newEnv(t)
+			b := a.sibling()
+			mnt := imgs.sharedMnt(t, a.cache)
+			t.Cleanup(func() {
+				// Last resort, after the servers were killed.
+				if fuseMountsAt(t, mnt) > 0 {
+					unix.Unmount(mnt, unix.MNT_DETACH)
+				}
+				os.RemoveAll(filepath.Dir(mnt))
+			})
+			sa := a.serveFG(imgs.refA)
+			sb := b.serveFG(imgs.refB)
 
-	if n := fuseMountsAt(t, mnt); n != 1 {
-		t.Fatalf("%d FUSE mounts of the shared layer at %s, want 1", n, mnt)
-	}
-	// Four lowers in two stacks, three FUSE mounts: A's own, B's own and
-	// the shared one.
-	links, _ := filepath.Glob(filepath.Join(a.cache, "m", "*", "[0-9]"))
-	layerMounts := map[string]bool{}
-	for _, l := range links {
-		if d, err := os.Readlink(l); err == nil && fuseMountsAt(t, d) == 1 {
-			layerMounts[d] = true
-		}
-	}
-	if len(links) != 4 || len(layerMounts) != 3 || !layerMounts[mnt] {
-		t.Errorf("lowers %q use FUSE mounts %v; want 4 lowers on 3 mounts, one %s", links, layerMounts, mnt)
-	}
-	checkFiles(t, a.target, imgs.want(false))
-	checkFiles(t, b.target, imgs.want(true))
-	for name := range imgs.wantShared {
-		if name == "shared/f0" {
-			continue // B's layer replaces it
-		}
-		ba, _ := os.ReadFile(filepath.Join(a.target, name))
-		bb, _ := os.ReadFile(filepath.Join(b.target, name))
-		if !bytes.Equal(ba, bb) {
-			t.Errorf("%s differs between the two mounts", name)
-		}
-	}
+			if n := fuseMountsAt(t, mnt); n != 1 {
+				t.Fatalf("%d FUSE mounts of the shared layer at %s, want 1", n, mnt)
+			}
+			// Four lowers in two stacks, three FUSE mounts: A's own, B's
+			// own and the shared one.
+			links, _ := filepath.Glob(filepath.Join(a.cache, "m", "*", "[0-9]"))
+			layerMounts := map[string]bool{}
+			for _, l := range links {
+				if d, err := os.Readlink(l); err == nil && fuseMountsAt(t, d) == 1 {
+					layerMounts[d] = true
+				}
+			}
+			if len(links) != 4 || len(layerMounts) != 3 || !layerMounts[mnt] {
+				t.Errorf("lowers %q use FUSE mounts %v; want 4 lowers on 3 mounts, one %s", links, layerMounts, mnt)
+			}
+			checkFiles(t, a.target, imgs.want(false))
+			checkFiles(t, b.target, imgs.want(true))
+			for name := range imgs.wantShared {
+				if name == "shared/f0" {
+					continue // B's layer replaces it
+				}
+				ba, _ := os.ReadFile(filepath.Join(a.target, name))
+				bb, _ := os.ReadFile(filepath.Join(b.target, name))
+				if !bytes.Equal(ba, bb) {
+					t.Errorf("%s differs between the two mounts", name)
+				}
+			}
 
-	// B borrows the shared layer from A; each serves its own top layer.
-	snapB := statsOf(t, b.target)
-	if len(snapB.Layers) != 2 || !snapB.Layers[0].Borrowed || snapB.Layers[0].ServerPID != sa.cmd.Process.Pid || snapB.Layers[1].Borrowed {
-		t.Errorf("B's stats: %+v; want layer 0 borrowed from pid %d", snapB.Layers, sa.cmd.Process.Pid)
-	}
-	snapA := statsOf(t, a.target)
-	if len(snapA.Layers) != 2 || snapA.Layers[0].Borrowed || snapA.Layers[0].FetchedBytes == 0 {
-		t.Errorf("A's stats: %+v; want layer 0 served and fetched", snapA.Layers)
-	}
-	if out, err := exec.Command(binary, "stats", b.target).CombinedOutput(); err != nil || !strings.Contains(string(out), fmt.Sprintf("served by pid %d", sa.cmd.Process.Pid)) {
-		t.Errorf("stats table of B: %v\n%s", err, out)
-	}
+			// B borrows the shared layer from A; each serves its own top
+			// layer.
+			snapB := statsOf(t, b.target)
+			if len(snapB.Layers) != 2 || !snapB.Layers[0].Borrowed || snapB.Layers[0].ServerPID != sa.cmd.Process.Pid || snapB.Layers[1].Borrowed {
+				t.Errorf("B's stats: %+v; want layer 0 borrowed from pid %d", snapB.Layers, sa.cmd.Process.Pid)
+			}
+			snapA := statsOf(t, a.target)
+			if len(snapA.Layers) != 2 || snapA.Layers[0].Borrowed || snapA.Layers[0].FetchedBytes == 0 {
+				t.Errorf("A's stats: %+v; want layer 0 served and fetched", snapA.Layers)
+			}
+			if out, err := exec.Command(binary, "stats", b.target).CombinedOutput(); err != nil || !strings.Contains(string(out), fmt.Sprintf("served by pid %d", sa.cmd.Process.Pid)) {
+				t.Errorf("stats table of B: %v\n%s", err, out)
+			}
 
-	// Unmount A, which serves the shared layer: its overlay goes, the
-	// shared layer stays for B, served by A's process.
-	a.umount()
-	if mounted(a.target) {
-		t.Errorf("%s still mounted after umount", a.target)
-	}
-	if n := fuseMountsAt(t, mnt); n != 1 {
-		t.Errorf("%d FUSE mounts of the shared layer while B uses it, want 1", n)
-	}
-	if !sa.running() {
-		t.Errorf("A's server exited while B still uses its shared layer")
-	}
-	dropCaches()
-	checkFiles(t, b.target, imgs.want(true))
-	if ents, _ := os.ReadDir(filepath.Join(a.cache, "m")); len(ents) != 1 {
-		t.Errorf("%d per-mount state dirs, want B's only", len(ents))
-	}
-	if log := mustRead(t, sa.log); !strings.Contains(log, "still used by another mount; serving until it is released") {
-		t.Errorf("A's log does not say it keeps serving:\n%s", log)
-	}
+			first, second := b, a
+			sFirst, sSecond := sb, sa
+			wantSecond := imgs.want(false)
+			if tt.serverFirst {
+				first, second, sFirst, sSecond, wantSecond = a, b, sa, sb, imgs.want(true)
+			}
+			first.umount()
+			if mounted(first.target) {
+				t.Errorf("%s still mounted after umount", first.target)
+			}
+			if ents, _ := os.ReadDir(filepath.Join(a.cache, "m")); len(ents) != 1 {
+				t.Errorf("%d per-mount state dirs, want the second mount's only", len(ents))
+			}
+			// The shared layer stays, served by A's process either way.
+			if n := fuseMountsAt(t, mnt); n != 1 {
+				t.Errorf("%d FUSE mounts of the shared layer while the second mount uses it, want 1", n)
+			}
+			if tt.serverFirst {
+				if !sa.running() {
+					t.Errorf("A's server exited while B still uses its shared layer")
+				}
+				if log := mustRead(t, sa.log); !strings.Contains(log, "still used by another mount; serving until it is released") {
+					t.Errorf("A's log does not say it keeps serving:\n%s", log)
+				}
+			} else {
+				sb.waitExit(t, 15*time.Second)
+			}
+			dropCaches()
+			checkFiles(t, second.target, wantSecond)
 
-	b.umount()
-	sb.waitExit(t, 15*time.Second)
-	sa.waitExit(t, 15*time.Second)
-	assertSharedGone(t, mnt)
-	a.assertClean()
-	b.assertClean()
+			second.umount()
+			sFirst.waitExit(t, 15*time.Second)
+			sSecond.waitExit(t, 15*time.Second)
+			assertSharedGone(t, mnt)
+			a.assertClean()
+			b.assertClean()
+		})
+	}
+}
+
+// TestSharedLayersConcurrentStart: two processes mounting the same image
+// at the same moment end up with one FUSE mount per layer, one serving and
+// one borrowing each.
+func TestSharedLayersConcurrentStart(t *testing.T) {
+	needFUSE(t)
+	host := lt.InProcessRegistry(t)
+	imgs := buildSharedImages(t, host)
+	for round := range 3 {
+		a := newEnv(t)
+		b := a.sibling()
+		mnt := imgs.sharedMnt(t, a.cache)
+		t.Cleanup(func() {
+			if fuseMountsAt(t, mnt) > 0 {
+				unix.Unmount(mnt, unix.MNT_DETACH)
+			}
+			os.RemoveAll(filepath.Dir(mnt))
+		})
+		cmds := []*exec.Cmd{a.cmd("--daemon", imgs.refA, a.target), b.cmd("--daemon", imgs.refA, b.target)}
+		errs := make(chan error, 2)
+		for _, c := range cmds {
+			go func() {
+				out, err := c.CombinedOutput()
+				if err != nil {
+					err = fmt.Errorf("%v: %s", err, out)
+				}
+				errs <- err
+			}()
+		}
+		for range cmds {
+			if err := <-errs; err != nil {
+				t.Fatalf("round %d: %v", round, err)
+			}
+		}
+		if n := fuseMountsAt(t, mnt); n != 1 {
+			t.Errorf("round %d: %d FUSE mounts of the shared layer, want 1", round, n)
+		}
+		sa, sb := statsOf(t, a.target), statsOf(t, b.target)
+		for i := range sa.Layers {
+			if sa.Layers[i].Borrowed == sb.Layers[i].Borrowed {
+				t.Errorf("round %d: layer %d borrowed by A: %v, by B: %v; want exactly one", round, i, sa.Layers[i].Borrowed, sb.Layers[i].Borrowed)
+			}
+		}
+		checkFiles(t, a.target, imgs.want(false))
+		checkFiles(t, b.target, imgs.want(false))
+		a.umount()
+		b.umount()
+		// The server may still be unmounting its last layer.
+		for range 100 {
+			if _, err := os.Stat(filepath.Dir(mnt)); os.IsNotExist(err) {
+				break
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+		assertSharedGone(t, mnt)
+		a.assertClean()
+	}
 }
 
 func mustRead(t *testing.T, path string) string {
