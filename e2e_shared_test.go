@@ -163,7 +163,7 @@ func (s *server) running() bool {
 }
 
 // fuseMountsAt counts the FUSE mounts whose mount point is dir.
-func fuseMountsAt(t *testing.T, dir string) int {
+func fuseMountsAt(t testing.TB, dir string) int {
 	t.Helper()
 	b, err := os.ReadFile("/proc/self/mountinfo")
 	if err != nil {
