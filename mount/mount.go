@@ -384,12 +384,9 @@ func (m *Mounted) Close() error {
 		if err := unmount(lm.dir, m.logger); err != nil {
 			errs = append(errs, err)
 		}
-		select {
-		case <-lm.served:
-		case <-time.After(10 * time.Second):
-			errs = append(errs, fmt.Errorf("FUSE server of %s did not stop", lm.dir))
+		if err := lm.stop(); err != nil {
+			errs = append(errs, err)
 		}
-		lm.conn.Close()
 	}
 	m.layers = nil
 	var serving []*sharedLayer
@@ -484,6 +481,21 @@ func mountLayer(l *reader.Layer, dir string, logger *slog.Logger) (*layerMount, 
 	lm := &layerMount{dir: dir, conn: c, served: make(chan error, 1)}
 	go func() { lm.served <- fs.Serve(c, NewLayerFS(l, logger)) }()
 	return lm, nil
+}
+
+// stop waits for the FUSE server to stop after its mount was removed and
+// closes the connection. A server still running after 10 s (a lazily
+// detached mount still in use) is left to end with the process: closing
+// its connection would wait for its pending read of /dev/fuse forever.
+func (lm *layerMount) stop() error {
+	select {
+	case err := <-lm.served:
+		lm.served <- err // leave it for Wait
+		lm.conn.Close()
+		return nil
+	case <-time.After(10 * time.Second):
+		return fmt.Errorf("FUSE server of %s did not stop", lm.dir)
+	}
 }
 
 // fuseError explains the common reasons FUSE mounts fail.

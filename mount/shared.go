@@ -8,7 +8,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -212,20 +211,23 @@ func (s *sharedLayer) releaseUser() {
 }
 
 // unmountOwn unmounts the mount this process serves, if it is still the
-// one at mnt, and waits for its server to stop.
+// one at mnt, and waits for its server to stop. The caller made sure no
+// live process uses it (it holds users.lock exclusively, or mounting just
+// failed): a reference left is the overlay of a killed process, which
+// would keep the FUSE connection, and so this process, alive for good.
+// MNT_FORCE aborts the connection first.
 func (s *sharedLayer) unmountOwn(logger *slog.Logger) error {
 	var errs []error
 	if mi, ok, _ := mountAt(s.mnt()); ok && (s.dev == "" || mi.dev == s.dev) {
-		if err := unmount(s.mnt(), logger); err != nil {
-			errs = append(errs, err)
+		if err := unix.Unmount(s.mnt(), unix.MNT_FORCE); err != nil {
+			if err := unmount(s.mnt(), logger); err != nil {
+				errs = append(errs, err)
+			}
 		}
 	}
-	select {
-	case <-s.lm.served:
-	case <-time.After(10 * time.Second):
-		errs = append(errs, fmt.Errorf("FUSE server of %s did not stop", s.mnt()))
+	if err := s.lm.stop(); err != nil {
+		errs = append(errs, err)
 	}
-	s.lm.conn.Close()
 	return errors.Join(errs...)
 }
 
