@@ -510,3 +510,41 @@ func TestShareLayersOff(t *testing.T) {
 	a.assertClean()
 	b.assertClean()
 }
+
+// TestSharedLayerUserKilled: a killed user drops its reference with its
+// flock, so the server that serves on for it unmounts the layer and exits
+// at once, although the killed process's overlay still holds the layer's
+// file system; umount of the killed mount then leaves nothing.
+func TestSharedLayerUserKilled(t *testing.T) {
+	needFUSE(t)
+	host := lt.InProcessRegistry(t)
+	imgs := buildSharedImages(t, host)
+	a := newEnv(t)
+	b := a.sibling()
+	mnt := imgs.sharedMnt(t, a.cache)
+	t.Cleanup(func() {
+		if fuseMountsAt(t, mnt) > 0 {
+			unix.Unmount(mnt, unix.MNT_DETACH)
+		}
+		os.RemoveAll(filepath.Dir(mnt))
+	})
+	sa := a.serveFG(imgs.refA)
+	sb := b.serveFG(imgs.refB)
+	checkFiles(t, b.target, imgs.want(true))
+	a.umount()
+	if !sa.running() {
+		t.Fatal("A's server exited while B uses its shared layer")
+	}
+	sb.cmd.Process.Signal(syscall.SIGKILL)
+	<-sb.exited
+	start := time.Now()
+	sa.waitExit(t, 5*time.Second)
+	t.Logf("A's server exited %v after B was killed", time.Since(start).Round(time.Millisecond))
+	if n := fuseMountsAt(t, mnt); n != 0 {
+		t.Errorf("%d FUSE mounts of the shared layer after its last user died", n)
+	}
+	b.umount() // the overlay the killed process left
+	assertSharedGone(t, mnt)
+	a.assertClean()
+	b.assertClean()
+}
