@@ -328,12 +328,20 @@ func (m *Mounted) Dir() string { return m.dir }
 func (m *Mounted) Wait(ctx context.Context) error {
 	m.mu.Lock()
 	layers := slices.Clone(m.layers)
+	var borrowed []*sharedLayer
 	for _, sl := range m.shared {
 		if sl.lm != nil {
 			layers = append(layers, sl.lm)
+		} else {
+			borrowed = append(borrowed, sl)
 		}
 	}
 	m.mu.Unlock()
+	watchCtx, stopWatch := context.WithCancel(ctx)
+	defer stopWatch()
+	for _, sl := range borrowed {
+		go sl.watchServer(watchCtx, m.logger)
+	}
 	cases := make(chan error, len(layers))
 	for _, lm := range layers {
 		go func(lm *layerMount) {

@@ -1,6 +1,7 @@
 package mount
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -8,6 +9,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -315,4 +317,33 @@ func removeShared(dir string) {
 	os.Remove(filepath.Join(dir, serveLock))
 	os.Remove(filepath.Join(dir, setupLock))
 	os.Remove(dir) // fails if a newcomer made a new setup.lock already
+}
+
+// serverWatch is how often a mount checks that the process serving a
+// layer it borrows is alive.
+const serverWatch = 2 * time.Second
+
+// watchServer logs, once, when the process serving a layer this one
+// borrows dies: the layer's mount is dead from then on, and so is this
+// mount for whatever the kernel has not cached. It only looks at the pid
+// (no lock, so it cannot get in the way of a process setting the layer
+// up), which is enough for a log line.
+func (s *sharedLayer) watchServer(ctx context.Context, logger *slog.Logger) {
+	if s.pid <= 0 {
+		return
+	}
+	t := time.NewTicker(serverWatch)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		if !alive(s.pid) {
+			logger.Warn("the process serving a shared layer of this mount is gone: reads of what the kernel has not cached fail; unmount and mount again",
+				"layer", s.name, "server", s.pid, "path", s.mnt())
+			return
+		}
+	}
 }
