@@ -442,6 +442,14 @@ func TestSharedLayerServerKilled(t *testing.T) {
 			if _, err := os.ReadFile(filepath.Join(b.target, "shared/f1")); !errorsIs(err, syscall.ENOTCONN) && !errorsIs(err, syscall.EIO) {
 				t.Errorf("read of the killed server's layer: %v, want ENOTCONN or EIO", err)
 			}
+			// B says so in its log.
+			for i := 0; !strings.Contains(mustRead(t, sb.log), "the process serving a shared layer of this mount is gone"); i++ {
+				if i == 100 {
+					t.Errorf("B's log does not tell that the server of its shared layer died:\n%s", mustRead(t, sb.log))
+					break
+				}
+				time.Sleep(50 * time.Millisecond)
+			}
 
 			var sc *server
 			c := a.sibling()
