@@ -1,0 +1,129 @@
+package mount
+
+import (
+	"bytes"
+	"context"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+
+	lt "github.com/stargz-mount/stargz-mount/internal/layertest"
+	"github.com/stargz-mount/stargz-mount/reader"
+)
+
+// openLayer opens an eStargz layer of entries from memory.
+func openLayer(t *testing.T, name string, entries ...lt.Entry) *reader.Layer {
+	t.Helper()
+	b, err := lt.Estargz(lt.Tar(entries...))
+	if err != nil {
+		t.Fatal(err)
+	}
+	l, err := reader.Open(context.Background(), bytes.NewReader(b.Data), reader.WithName(name), reader.WithTOCDigest(digest.Digest(b.TOCDigest)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return l
+}
+
+// TestSharedLayerLifecycle runs two stacks sharing a layer in one process
+// (flocks are per open file, so they count as two users): the first serves
+// it, the second borrows it; closing the first unmounts its overlay but
+// serves on until the second is closed.
+func TestSharedLayerLifecycle(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to mount overlayfs (CI runs this as root)")
+	}
+	if _, err := os.Stat("/dev/fuse"); err != nil {
+		t.Skip("needs /dev/fuse")
+	}
+	shared := openLayer(t, "shared", lt.Dir("s"), lt.FileString("s/f", "shared\n"))
+	sharedAgain := openLayer(t, "shared", lt.Dir("s"), lt.FileString("s/f", "shared\n"))
+	top1 := openLayer(t, "top1", lt.FileString("one", "1\n"))
+	top2 := openLayer(t, "top2", lt.FileString("two", "2\n"))
+	base := t.TempDir()
+	sharedDir := filepath.Join(base, "layers")
+	o := Options{StateDir: filepath.Join(base, "state"), SharedDir: sharedDir}
+	target := func(n string) string {
+		d := filepath.Join(base, n)
+		if err := os.Mkdir(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		return d
+	}
+	t1, t2 := target("t1"), target("t2")
+	m1, err := MountLowers(context.Background(), []Lower{{Layer: shared, Share: "k"}, {Layer: top1, Share: "k1"}}, t1, o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { m1.Close() })
+	// The image repeats the shared layer: one use of it.
+	m2, err := MountLowers(context.Background(), []Lower{{Layer: sharedAgain, Share: "k"}, {Layer: top2, Share: "k2"}, {Layer: sharedAgain, Share: "k"}}, t2, o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { m2.Close() })
+	if _, ok := m1.Borrowed(shared); ok {
+		t.Error("the first stack borrows the shared layer")
+	}
+	if pid, ok := m2.Borrowed(sharedAgain); !ok || pid != os.Getpid() {
+		t.Errorf("second stack: Borrowed = %d, %v; want this process", pid, ok)
+	}
+	if _, ok := m2.Borrowed(top2); ok {
+		t.Error("the second stack borrows its own layer")
+	}
+	mnt := filepath.Join(sharedDir, "k", sharedMnt)
+	read := func(p, want string) {
+		t.Helper()
+		if b, err := os.ReadFile(p); err != nil || string(b) != want {
+			t.Errorf("%s = %q, %v; want %q", p, b, err, want)
+		}
+	}
+	read(filepath.Join(t1, "s/f"), "shared\n")
+	read(filepath.Join(t2, "s/f"), "shared\n")
+	read(filepath.Join(t2, "two"), "2\n")
+
+	closed := make(chan error, 1)
+	go func() { closed <- m1.Close() }()
+	for i := 0; ; i++ {
+		if ok, _ := isMountPoint(t1); !ok {
+			break
+		}
+		if i == 200 {
+			t.Fatal("first overlay still mounted")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	select {
+	case err := <-closed:
+		t.Fatalf("Close of the serving stack returned while the layer is in use: %v", err)
+	case <-time.After(300 * time.Millisecond):
+	}
+	if ok, _ := isMountPoint(mnt); !ok {
+		t.Fatal("shared layer unmounted while in use")
+	}
+	if ok, _ := isMountPoint(filepath.Join(sharedDir, "k1", sharedMnt)); ok {
+		t.Error("the first stack's own layer is still mounted")
+	}
+	read(filepath.Join(t2, "s/f"), "shared\n")
+
+	if err := m2.Close(); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-closed:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("Close of the serving stack did not return after the last user went")
+	}
+	if ents, _ := os.ReadDir(sharedDir); len(ents) != 0 {
+		t.Errorf("left in the shared dir: %v", ents)
+	}
+	if ents, _ := os.ReadDir(filepath.Join(o.StateDir, "m")); len(ents) != 0 {
+		t.Errorf("state left: %v", ents)
+	}
+}
