@@ -126,10 +126,11 @@ func mountAt(dir string) (mountInfo, bool, error) {
 // unmounts the overlay and every layer itself.
 //
 // It returns once the overlay at target is gone and the serving process
-// exited or removed the mount's state directory: a process that serves a
-// shared layer another mount still uses unmounts its overlay and its other
-// layers, then serves on in the background until that layer is released
-// (see shared.go). Unmount does not wait for that.
+// exited, or tore its mount down and serves on only shared layers another
+// mount still uses: such a process unmounts its overlay and its other
+// layers, removes the state directory, then serves on in the background
+// until those layers are released (see shared.go). Unmount does not wait
+// for that.
 func Unmount(target string, logger *slog.Logger) error {
 	if logger == nil {
 		logger = slog.Default()
@@ -145,14 +146,14 @@ func Unmount(target string, logger *slog.Logger) error {
 	if st.PID > 0 && st.PID != os.Getpid() && alive(st.PID) {
 		if err := syscall.Kill(st.PID, syscall.SIGTERM); err == nil {
 			deadline := time.Now().Add(15 * time.Second)
-			for time.Now().Before(deadline) && alive(st.PID) && !gone(dir) {
+			for time.Now().Before(deadline) && alive(st.PID) && !lingering(st.PID, dir, st.Shared) {
 				time.Sleep(50 * time.Millisecond)
 			}
 			if still, _ := isMountPoint(abs); !still {
 				if !alive(st.PID) {
 					return nil
 				}
-				if gone(dir) {
+				if lingering(st.PID, dir, st.Shared) {
 					logger.Info("unmounted; the server goes on serving shared layers other mounts use until they are released", "pid", st.PID)
 					return nil
 				}
@@ -185,10 +186,20 @@ func Unmount(target string, logger *slog.Logger) error {
 	return errors.Join(errs...)
 }
 
-// gone reports whether the state directory dir was removed.
-func gone(dir string) bool {
-	_, err := os.Stat(dir)
-	return errors.Is(err, os.ErrNotExist)
+// lingering reports whether process pid tore its mount down (removed its
+// state directory dir) and serves on shared layers others use: it still
+// serves one of the mount's shared layers. A server that is merely exiting
+// has removed those it served before its state directory.
+func lingering(pid int, dir string, shared []string) bool {
+	if _, err := os.Stat(dir); !errors.Is(err, os.ErrNotExist) {
+		return false
+	}
+	for _, d := range shared {
+		if serverPID(d) == pid {
+			return true
+		}
+	}
+	return false
 }
 
 // findState finds the state of the stack at target through the overlay's
