@@ -50,6 +50,9 @@ type sharedLayer struct {
 	lm    *layerMount
 	dev   string // maj:min of the mount this process made
 	pid   int    // the serving process (this one, if serving)
+	// stDev is the device of the borrowed mount (its root's st_dev), by
+	// which watchServer tells it from a mount that replaced it.
+	stDev uint64
 }
 
 func (s *sharedLayer) mnt() string { return filepath.Join(s.dir, sharedMnt) }
@@ -136,9 +139,11 @@ func acquireShared(sharedDir, key string, l *reader.Layer, logger *slog.Logger) 
 	}
 	if s.serve == nil {
 		// A live server: use its mount if it answers.
-		if _, err := os.Stat(mnt); err != nil {
+		var st unix.Stat_t
+		if err := unix.Stat(mnt, &st); err != nil {
 			return nil, fmt.Errorf("shared layer mount %s does not answer: %w", mnt, err)
 		}
+		s.stDev = st.Dev
 		s.pid = serverPID(s.dir)
 	} else {
 		if mounted {
@@ -325,13 +330,12 @@ const serverWatch = 2 * time.Second
 
 // watchServer logs, once, when the process serving a layer this one
 // borrows dies: the layer's mount is dead from then on, and so is this
-// mount for whatever the kernel has not cached. It only looks at the pid
-// (no lock, so it cannot get in the way of a process setting the layer
-// up), which is enough for a log line.
+// mount for whatever the kernel has not cached. A dead mount fails statfs
+// (which the kernel never answers from its cache) with ENOTCONN; a mount
+// that replaced it has another device. It takes no lock, so it cannot get
+// in the way of a process setting the layer up, and it does not trust the
+// pid, which may be of another pid namespace.
 func (s *sharedLayer) watchServer(ctx context.Context, logger *slog.Logger) {
-	if s.pid <= 0 {
-		return
-	}
 	t := time.NewTicker(serverWatch)
 	defer t.Stop()
 	for {
@@ -340,9 +344,18 @@ func (s *sharedLayer) watchServer(ctx context.Context, logger *slog.Logger) {
 			return
 		case <-t.C:
 		}
-		if !alive(s.pid) {
+		var st unix.Stat_t
+		err := unix.Stat(s.mnt(), &st)
+		if err == nil && st.Dev != s.stDev {
+			err = errors.New("another mount replaced it")
+		}
+		if err == nil {
+			var fs unix.Statfs_t
+			err = unix.Statfs(s.mnt(), &fs)
+		}
+		if err != nil && ctx.Err() == nil {
 			logger.Warn("the process serving a shared layer of this mount is gone: reads of what the kernel has not cached fail; unmount and mount again",
-				"layer", s.name, "server", s.pid, "path", s.mnt())
+				"layer", s.name, "server", s.pid, "path", s.mnt(), "err", err)
 			return
 		}
 	}
