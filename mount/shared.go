@@ -119,8 +119,19 @@ func acquireShared(sharedDir, key string, l *reader.Layer, logger *slog.Logger) 
 	}
 	defer setup.Close()
 	defer func() {
-		if err != nil {
-			s.closeLocks()
+		if err == nil {
+			return
+		}
+		server := s.serve != nil
+		s.closeLocks()
+		if !server {
+			return
+		}
+		// Nothing of ours is mounted now: leave no directory behind
+		// unless a user of an earlier, dead mount is still there.
+		if users, err := lockFile(s.dir, usersLock, unix.LOCK_EX|unix.LOCK_NB); err == nil {
+			removeShared(s.dir)
+			users.Close()
 		}
 	}()
 	mnt := s.mnt()

@@ -8,6 +8,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	lt "github.com/stargz-mount/stargz-mount/internal/layertest"
 )
 
 // TestLockFileFollowsRemoval: a process that waited for the setup lock of
@@ -87,5 +89,25 @@ func TestReleaseOrphan(t *testing.T) {
 	// Nothing to do for a layer already removed.
 	if err := releaseOrphan(filepath.Join(t.TempDir(), "gone"), slog.Default()); err != nil {
 		t.Errorf("releaseOrphan of a removed layer: %v", err)
+	}
+}
+
+// TestAcquireSharedFailureCleansUp: a process that fails to mount a shared
+// layer it was to serve leaves no locks behind.
+func TestAcquireSharedFailureCleansUp(t *testing.T) {
+	l := openLayer(t, "l", lt.FileString("f", "x"))
+	shared := t.TempDir()
+	dir := filepath.Join(shared, "k")
+	// A non-empty directory where the mount point goes: mounting fails.
+	if err := os.MkdirAll(filepath.Join(dir, sharedMnt, "junk"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := acquireShared(shared, "k", l, slog.Default()); err == nil {
+		t.Fatal("acquireShared succeeded")
+	}
+	for _, f := range []string{setupLock, usersLock, serveLock} {
+		if _, err := os.Stat(filepath.Join(dir, f)); !os.IsNotExist(err) {
+			t.Errorf("%s left: %v", f, err)
+		}
 	}
 }
