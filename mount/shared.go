@@ -162,6 +162,12 @@ func acquireShared(sharedDir, key string, l *reader.Layer, logger *slog.Logger) 
 			if err := unix.Unmount(mnt, unix.MNT_DETACH); err != nil {
 				return nil, fmt.Errorf("remove dead shared layer mount %s: %w", mnt, err)
 			}
+			// Mounts still holding the dead mount hold users.lock: a new
+			// one counts only the users of the new mount, so this process
+			// need not serve on for mounts that do not use it.
+			if err := os.Remove(filepath.Join(s.dir, usersLock)); err != nil && !errors.Is(err, os.ErrNotExist) {
+				return nil, fmt.Errorf("reset users of shared layer %s: %w", s.dir, err)
+			}
 		}
 		os.Remove(mnt) // an empty mount point left behind
 		lm, err := mountLayer(l, mnt, logger)
