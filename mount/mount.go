@@ -179,6 +179,7 @@ func MountLowers(ctx context.Context, layers []Lower, target string, o Options) 
 	if err := writeState(dir, st); err != nil {
 		return nil, err
 	}
+	fellBack := false
 	for i, l := range layers {
 		if l.Layer == nil {
 			// A directory lower goes in as a symlink in the state dir: the
@@ -193,13 +194,19 @@ func MountLowers(ctx context.Context, layers []Lower, target string, o Options) 
 			// A shared layer goes in as a symlink to its mount, like a
 			// directory lower.
 			sl, err := m.useShared(o.SharedDir, key, l.Layer)
-			if err != nil {
+			switch {
+			case err == nil:
+				if err := os.Symlink(sl.mnt(), paths[i]); err != nil {
+					return nil, err
+				}
+				continue
+			case errors.Is(err, errCannotShare):
+				o.Logger.Warn("mounting the layer privately", "layer", l.name(), "err", err)
+				st.Layers = append(st.Layers, paths[i])
+				fellBack = true
+			default:
 				return nil, fmt.Errorf("mount shared layer %s: %w", l.name(), err)
 			}
-			if err := os.Symlink(sl.mnt(), paths[i]); err != nil {
-				return nil, err
-			}
-			continue
 		}
 		lm, err := mountLayer(l.Layer, paths[i], o.Logger)
 		if err != nil {
@@ -208,6 +215,12 @@ func MountLowers(ctx context.Context, layers []Lower, target string, o Options) 
 		m.mu.Lock()
 		m.layers = append(m.layers, lm)
 		m.mu.Unlock()
+	}
+	if fellBack {
+		// umount must find the private mounts too.
+		if err := writeState(dir, st); err != nil {
+			return nil, err
+		}
 	}
 	// Overlay copies the root attributes of each lower when it is mounted:
 	// make the kernel ask every FUSE server for them first.

@@ -41,6 +41,10 @@ const (
 	sharedMnt = "mnt"
 )
 
+// errCannotShare is a shared layer that has a live server whose mount
+// this process cannot use; it mounts the layer privately instead.
+var errCannotShare = errors.New("cannot use the shared layer mount")
+
 // sharedLayer is one shared layer this process uses.
 type sharedLayer struct {
 	name  string   // the layer's name, for logs
@@ -146,13 +150,16 @@ func acquireShared(sharedDir, key string, l *reader.Layer, logger *slog.Logger) 
 	case !wouldBlock(err):
 		return nil, err
 	case !mounted:
-		return nil, fmt.Errorf("shared layer %s: a process holds %s but nothing is mounted", s.dir, serveLock)
+		// Its server lives, but this process does not see the mount:
+		// another mount namespace, or it was unmounted from outside and
+		// its server is about to notice.
+		return nil, fmt.Errorf("%w: a process serves %s, but it is not mounted here", errCannotShare, s.dir)
 	}
 	if s.serve == nil {
 		// A live server: use its mount if it answers.
 		var st unix.Stat_t
 		if err := unix.Stat(mnt, &st); err != nil {
-			return nil, fmt.Errorf("shared layer mount %s does not answer: %w", mnt, err)
+			return nil, fmt.Errorf("%w: shared layer mount %s does not answer: %v", errCannotShare, mnt, err)
 		}
 		s.stDev = st.Dev
 		s.pid = serverPID(s.dir)

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/opencontainers/go-digest"
+	"golang.org/x/sys/unix"
 
 	lt "github.com/stargz-mount/stargz-mount/internal/layertest"
 	"github.com/stargz-mount/stargz-mount/reader"
@@ -125,5 +126,55 @@ func TestSharedLayerLifecycle(t *testing.T) {
 	}
 	if ents, _ := os.ReadDir(filepath.Join(o.StateDir, "m")); len(ents) != 0 {
 		t.Errorf("state left: %v", ents)
+	}
+}
+
+// TestSharedLayerFallsBackToPrivate: a layer whose server lives but whose
+// mount this process cannot see (another mount namespace) is mounted
+// privately, and umount finds that mount.
+func TestSharedLayerFallsBackToPrivate(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to mount overlayfs (CI runs this as root)")
+	}
+	if _, err := os.Stat("/dev/fuse"); err != nil {
+		t.Skip("needs /dev/fuse")
+	}
+	l := openLayer(t, "l", lt.FileString("f", "private\n"))
+	base := t.TempDir()
+	sharedDir := filepath.Join(base, "layers")
+	// "Another process" serves the layer somewhere this one cannot see.
+	serve, err := lockFile(filepath.Join(sharedDir, "k"), serveLock, unix.LOCK_EX)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer serve.Close()
+	target := filepath.Join(base, "t")
+	os.Mkdir(target, 0o755)
+	m, err := MountLowers(context.Background(), []Lower{{Layer: l, Share: "k"}}, target, Options{StateDir: filepath.Join(base, "state"), SharedDir: sharedDir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { m.Close() })
+	if b, err := os.ReadFile(filepath.Join(target, "f")); err != nil || string(b) != "private\n" {
+		t.Errorf("f = %q, %v", b, err)
+	}
+	if _, ok := m.Borrowed(l); ok {
+		t.Error("a privately mounted layer counts as borrowed")
+	}
+	st, err := readState(m.Dir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(st.Layers) != 1 || st.Layers[0] != filepath.Join(m.Dir(), "0") {
+		t.Errorf("state layers %q, want the private mount", st.Layers)
+	}
+	if ok, _ := isMountPoint(st.Layers[0]); !ok {
+		t.Error("no private layer mount")
+	}
+	if err := m.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if ok, _ := isMountPoint(target); ok {
+		t.Error("still mounted")
 	}
 }
