@@ -82,16 +82,20 @@ func lockFile(dir, name string, how int) (*os.File, error) {
 			f.Close()
 			return nil, err
 		}
-		var a, b unix.Stat_t
-		if err := unix.Fstat(int(f.Fd()), &a); err != nil {
-			f.Close()
-			return nil, fmt.Errorf("stat %s: %w", path, err)
-		}
-		if err := unix.Stat(path, &b); err == nil && a.Ino == b.Ino && a.Dev == b.Dev {
+		if sameFile(f, path) {
 			return f, nil
 		}
 		f.Close()
 	}
+}
+
+// sameFile reports whether f is the file at path.
+func sameFile(f *os.File, path string) bool {
+	var a, b unix.Stat_t
+	if err := unix.Fstat(int(f.Fd()), &a); err != nil {
+		return false
+	}
+	return unix.Stat(path, &b) == nil && a.Ino == b.Ino && a.Dev == b.Dev
 }
 
 func flock(f *os.File, how int) error {
@@ -270,6 +274,13 @@ func (s *sharedLayer) tryFinish(logger *slog.Logger) (done bool, err error) {
 		return false, err
 	}
 	defer setup.Close()
+	if !sameFile(s.serve, filepath.Join(s.dir, serveLock)) {
+		// The layer's directory was removed from outside and maybe made
+		// anew: whatever is there now is not ours.
+		err := s.unmountOwn(logger)
+		s.closeLocks()
+		return true, err
+	}
 	users, err := lockFile(s.dir, usersLock, unix.LOCK_EX|unix.LOCK_NB)
 	if wouldBlock(err) {
 		return false, nil
@@ -300,7 +311,9 @@ func (s *sharedLayer) stopped() bool {
 
 // releaseOrphan removes the shared layer in dir if nobody uses it any more
 // and its server is dead: the last user of a layer whose server was killed
-// cleans up after it. A layer whose server lives is the server's to remove.
+// cleans up after it. A layer whose server lives is the server's to
+// remove (one that does not answer still holds its own users.lock, so
+// nothing here could tell a layer it serves for nobody else).
 func releaseOrphan(dir string, logger *slog.Logger) error {
 	if _, err := os.Stat(dir); errors.Is(err, os.ErrNotExist) {
 		return nil

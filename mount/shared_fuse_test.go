@@ -178,3 +178,64 @@ func TestSharedLayerFallsBackToPrivate(t *testing.T) {
 		t.Error("still mounted")
 	}
 }
+
+// TestSharedLayerDirReplaced: a server whose layer directory was removed
+// from outside and made anew by another server leaves the new one alone at
+// its Close, and does not wait for its users.
+func TestSharedLayerDirReplaced(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to mount overlayfs (CI runs this as root)")
+	}
+	if _, err := os.Stat("/dev/fuse"); err != nil {
+		t.Skip("needs /dev/fuse")
+	}
+	base := t.TempDir()
+	sharedDir := filepath.Join(base, "layers")
+	o := Options{StateDir: filepath.Join(base, "state"), SharedDir: sharedDir}
+	mountOne := func(name string) *Mounted {
+		target := filepath.Join(base, name)
+		os.Mkdir(target, 0o755)
+		m, err := MountLowers(context.Background(), []Lower{{Layer: openLayer(t, "l", lt.FileString("f", "x\n")), Share: "k"}}, target, o)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { m.Close() })
+		return m
+	}
+	m1 := mountOne("t1")
+	dir := filepath.Join(sharedDir, "k")
+	mnt := filepath.Join(dir, sharedMnt)
+	if err := unix.Unmount(mnt, unix.MNT_DETACH); err != nil {
+		t.Fatal(err)
+	}
+	removeShared(dir)
+	m2 := mountOne("t2")
+	m2.mu.Lock()
+	borrowed := len(m2.borrowed)
+	m2.mu.Unlock()
+	if borrowed != 0 {
+		t.Fatal("the second stack borrows a layer whose directory was removed")
+	}
+	closed := make(chan error, 1)
+	go func() { closed <- m1.Close() }()
+	select {
+	case err := <-closed:
+		if err != nil {
+			t.Errorf("Close: %v", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("Close waits for the users of a mount that is not its own")
+	}
+	if ok, _ := isMountPoint(mnt); !ok {
+		t.Error("the new server's mount is gone")
+	}
+	if b, err := os.ReadFile(filepath.Join(m2.Target, "f")); err != nil || string(b) != "x\n" {
+		t.Errorf("read through the new mount: %q, %v", b, err)
+	}
+	if err := m2.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(dir); !os.IsNotExist(err) {
+		t.Errorf("layer directory left: %v", err)
+	}
+}

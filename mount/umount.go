@@ -170,9 +170,10 @@ func Unmount(target string, logger *slog.Logger) error {
 			errs = append(errs, err)
 		}
 	}
-	// The dead server's shared layers: its users' locks died with it; a
-	// layer nobody else uses is removed, one still used is left to its
-	// users (the last one removes it).
+	// The server's shared layers: if it is dead, its locks died with it;
+	// a layer nobody else uses is removed, one still used is left to its
+	// users (the last one removes it). The layers of a live server that
+	// does not answer stay until it ends.
 	for _, d := range st.Shared {
 		if err := releaseOrphan(d, logger); err != nil {
 			errs = append(errs, fmt.Errorf("release shared layer %s: %w", d, err))
