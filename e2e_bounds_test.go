@@ -255,8 +255,10 @@ func TestCacheBounds(t *testing.T) {
 		b := a.sibling()
 		stop := watchDisk(a.cache)
 		bound := strconv.FormatInt(diskBound, 10)
-		a.mount(bi.ref, "--cache-max-disk", bound)
-		b.mount(bi.ref, "--cache-max-disk", bound)
+		// Private layer mounts: both processes fetch and write the
+		// chunk store (shared ones would leave it to one).
+		a.mount(bi.ref, "--cache-max-disk", bound, "--share-layers=false")
+		b.mount(bi.ref, "--cache-max-disk", bound, "--share-layers=false")
 		var wg sync.WaitGroup
 		for _, e := range []*env{a, b} {
 			wg.Add(1)

@@ -34,16 +34,21 @@ func (e *env) storedLayers() []string {
 	return out
 }
 
-// fuseMounts counts the FUSE layer mounts under the env's cache dir.
+// fuseMounts counts the FUSE layer mounts the env's live stacks use.
 func (e *env) fuseMounts() int {
-	b, _ := os.ReadFile("/proc/self/mounts")
-	n := 0
-	for _, line := range strings.Split(string(b), "\n") {
-		if f := strings.Fields(line); len(f) > 2 && strings.HasPrefix(f[1], e.cache+"/") && strings.HasPrefix(f[2], "fuse") {
-			n++
+	// A lower is a FUSE mount point in the state dir (a private layer) or
+	// a link to one (a shared layer mount, see e2e_shared_test.go).
+	lowers, _ := filepath.Glob(filepath.Join(e.cache, "m", "*", "[0-9]*"))
+	seen := map[string]bool{}
+	for _, l := range lowers {
+		if d, err := os.Readlink(l); err == nil {
+			l = d
+		}
+		if !seen[l] && fuseMountsAt(e.t, l) > 0 {
+			seen[l] = true
 		}
 	}
-	return n
+	return len(seen)
 }
 
 // TestFormatsMatchUmoci mounts the corpus built in every layer format and

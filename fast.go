@@ -59,6 +59,11 @@ type session struct {
 	prefetched chan struct{}      // closed when every layer's prefetch ended
 
 	servers []*stats.Server
+
+	// borrowed are the layers another process serves (shared layer
+	// mounts), to its pid: this process neither prefetches nor fetches
+	// them. Set by borrow before prefetching starts, read-only after.
+	borrowed map[*reader.Layer]int
 }
 
 func newSession(ref string, img *fetcher.Image, blobs []*fetcher.Blob, layers []*reader.Layer, prog *progress, logger *slog.Logger) *session {
@@ -67,20 +72,47 @@ func newSession(ref string, img *fetcher.Image, blobs []*fetcher.Blob, layers []
 		ctx: ctx, cancel: cancel, prefetched: make(chan struct{})}
 }
 
-// startPrefetch prefetches every layer's prioritized region, all layers in
-// parallel.
+// borrow notes which of the session's layers another process serves.
+// Call it before startPrefetch.
+func (s *session) borrow(m interface {
+	Borrowed(*reader.Layer) (int, bool)
+}) {
+	for _, l := range s.layers {
+		if pid, ok := m.Borrowed(l); ok {
+			if s.borrowed == nil {
+				s.borrowed = map[*reader.Layer]int{}
+			}
+			s.borrowed[l] = pid
+		}
+	}
+}
+
+// served are the layers this process serves: all but the borrowed ones.
+func (s *session) served() []*reader.Layer {
+	out := make([]*reader.Layer, 0, len(s.layers))
+	for _, l := range s.layers {
+		if _, ok := s.borrowed[l]; !ok {
+			out = append(out, l)
+		}
+	}
+	return out
+}
+
+// startPrefetch prefetches every served layer's prioritized region, all
+// layers in parallel.
 func (s *session) startPrefetch(enabled bool) {
 	if !enabled {
 		close(s.prefetched)
 		return
 	}
+	layers := s.served()
 	var total int64
-	for _, l := range s.layers {
+	for _, l := range layers {
 		total += l.PrefetchBytes()
 	}
 	s.prog.bytes("prefetch", total, func() int64 {
 		var n int64
-		for _, l := range s.layers {
+		for _, l := range layers {
 			n += min(l.Stats().FetchedBytes, l.PrefetchBytes())
 		}
 		return n
@@ -90,7 +122,7 @@ func (s *session) startPrefetch(enabled bool) {
 		defer s.wg.Done()
 		defer close(s.prefetched)
 		var g errgroup.Group
-		for _, l := range s.layers {
+		for _, l := range layers {
 			g.Go(func() error {
 				if err := l.Prefetch(s.ctx); err != nil && s.ctx.Err() == nil {
 					s.logger.Warn("prefetch failed; files are fetched when read", "err", err)
@@ -117,8 +149,12 @@ func (s *session) waitPrefetch(timeout time.Duration) {
 // capacity is what the caches hold (memory and disk): an image whose data
 // is larger is not fetched, as it would only evict what reads need.
 func (s *session) startBackground(bandwidth, capacity int64) {
+	layers := s.served()
+	if len(layers) == 0 {
+		return
+	}
 	var total, data int64
-	for _, l := range s.layers {
+	for _, l := range layers {
 		st := l.Stats()
 		total += st.TotalBytes
 		data += st.DataBytes
@@ -135,9 +171,15 @@ func (s *session) startBackground(bandwidth, capacity int64) {
 		case <-s.ctx.Done():
 			return
 		}
-		s.prog.bytes("background fetch", total, s.fetchedBytes)
+		s.prog.bytes("background fetch", total, func() int64 {
+			var n int64
+			for _, l := range layers {
+				n += l.Stats().FetchedBytes
+			}
+			return n
+		})
 		start := time.Now()
-		err := reader.FetchAll(s.ctx, s.layers, reader.WithBandwidth(bandwidth))
+		err := reader.FetchAll(s.ctx, layers, reader.WithBandwidth(bandwidth))
 		switch {
 		case s.ctx.Err() != nil:
 		case err != nil:
@@ -149,18 +191,15 @@ func (s *session) startBackground(bandwidth, capacity int64) {
 	}()
 }
 
-func (s *session) fetchedBytes() int64 {
-	var n int64
-	for _, l := range s.layers {
-		n += l.Stats().FetchedBytes
-	}
-	return n
-}
-
 // Snapshot implements stats.Source.
 func (s *session) Snapshot() stats.Snapshot {
 	snap := stats.Snapshot{Ref: s.ref, Mountpoint: s.target, Layers: make([]stats.Layer, len(s.layers))}
 	for i, l := range s.layers {
+		if pid, ok := s.borrowed[l]; ok {
+			// Served, fetched and counted by that process.
+			snap.Layers[i] = stats.Layer{Digest: l.Name(), Borrowed: true, ServerPID: pid, Prefetch: "none", Background: "none"}
+			continue
+		}
 		ls := l.Stats()
 		bc := s.blobs[i].Stats()
 		snap.Layers[i] = stats.Layer{

@@ -6,6 +6,8 @@ package main
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -56,7 +58,9 @@ fetched up front; file data is fetched, verified and cached when it is read.
 Each eStargz or zstd:chunked layer is served read-only through FUSE; plain
 gzip, zstd and uncompressed layers are fetched once, checked against their
 digest and unpacked into the cache dir; the layers are stacked with overlayfs. stargz-mount stays in the foreground until SIGINT or SIGTERM
-or 'stargz-mount umount MOUNTPOINT', then removes every mount it made.
+or 'stargz-mount umount MOUNTPOINT', then removes every mount it made; a
+layer mount another image mounted since shares (--share-layers) is served on
+until that image is unmounted too.
 
 Example:
    mkdir /mnt/app && stargz-mount --daemon registry.example.com/app:1.0 /mnt/app
@@ -134,6 +138,7 @@ func mountFlags() []cli.Flag {
 		&cli.BoolFlag{Name: "writable", Usage: "make the rootfs writable; changes live in the state dir and are discarded at unmount"},
 		&cli.StringFlag{Name: "upper", Usage: "writable rootfs keeping changes in `DIR` (with --work, same file system)"},
 		&cli.StringFlag{Name: "work", Usage: "overlay work `DIR` for --upper"},
+		&cli.BoolFlag{Name: "share-layers", Value: true, Usage: "share each eStargz or zstd:chunked layer's FUSE mount with other mounts using the same --cache-dir (root only): the first mount serves it until the last user is gone; --share-layers=false mounts every layer privately"},
 	}
 }
 
@@ -382,18 +387,25 @@ func serve(c *cli.Context, ref, target string, ready func(error), mounted func(*
 	}
 	sess := newSession(ref, img, blobs, layers, prog, logger)
 	defer sess.close("")
-	sess.startPrefetch(c.Bool("prefetch"))
+	sharedDir, err := shareLayers(c, lowers)
+	if err != nil {
+		return err
+	}
 	m, err := mount.MountLowers(ctx, lowers, target, mount.Options{
-		StateDir: c.String("cache-dir"),
-		Writable: c.Bool("writable"),
-		Upper:    c.String("upper"),
-		Work:     c.String("work"),
-		Ref:      img.Ref.Context().Digest(img.Digest.String()).String(),
-		Logger:   logger,
+		StateDir:  c.String("cache-dir"),
+		Writable:  c.Bool("writable"),
+		Upper:     c.String("upper"),
+		Work:      c.String("work"),
+		Ref:       img.Ref.Context().Digest(img.Digest.String()).String(),
+		Logger:    logger,
+		SharedDir: sharedDir,
 	})
 	if err != nil {
 		return err
 	}
+	// Layers another process serves are prefetched and fetched there.
+	sess.borrow(m)
+	sess.startPrefetch(c.Bool("prefetch"))
 	sess.waitPrefetch(c.Duration("prefetch-timeout"))
 	if err := sess.publish(m.Target, c.String("metrics-addr")); err != nil {
 		m.Close()
@@ -435,6 +447,37 @@ func serve(c *cli.Context, ref, target string, ready func(error), mounted func(*
 	}
 	logger.Info("unmounted", "target", m.Target)
 	return serr
+}
+
+// shareLayers gives every lazily served layer of lowers its share key and
+// returns the directory shared layer mounts live in, or "" with
+// --share-layers=false or without root: fuse-overlayfs mounts are the
+// user's own, and sharing their lowers is left for later.
+func shareLayers(c *cli.Context, lowers []mount.Lower) (string, error) {
+	if !c.Bool("share-layers") || mount.Rootless() {
+		return "", nil
+	}
+	cacheDir, err := filepath.Abs(c.String("cache-dir"))
+	if err != nil {
+		return "", fmt.Errorf("--cache-dir: %w", err)
+	}
+	for i := range lowers {
+		if l := lowers[i].Layer; l != nil {
+			lowers[i].Share = shareKey(cacheDir, l.Name(), l.TOCDigest().String(), c.Bool("insecure-skip-verify"))
+		}
+	}
+	return filepath.Join(stats.RuntimeDir(), "layers"), nil
+}
+
+// shareKey names a shared layer mount. Mounts share a layer when they
+// would serve the same file system the same way: the same blob with the
+// same TOC (the TOC digest is what lazy reads are verified against, not the
+// blob digest, which only a whole download can check), verified or not,
+// from the same cache dir (whose chunk store the server reads from).
+func shareKey(cacheDir, layer, toc string, skipVerify bool) string {
+	h := sha256.New()
+	fmt.Fprintf(h, "stargz-mount shared layer v1\x00%s\x00%s\x00%s\x00%s\x00%t", cacheDir, layer, toc, mount.OpaqueXattr(), skipVerify)
+	return hex.EncodeToString(h.Sum(nil)[:16])
 }
 
 // memorySlack is what the process may use beyond --cache-max-memory before

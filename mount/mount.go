@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -37,6 +38,12 @@ type Options struct {
 	Ref string
 	// Logger receives the layers' read failures. Default slog.Default().
 	Logger *slog.Logger
+	// SharedDir, if set, is where FUSE layers with a share key
+	// (Lower.Share) are mounted for every process to use: a layer that
+	// another process serves already is used from its mount, and one this
+	// process serves outlives its overlay until no other process uses it
+	// (see shared.go). Empty: every layer is mounted privately.
+	SharedDir string
 }
 
 // Mounted is a mounted stack: one FUSE mount per layer and an overlay.
@@ -45,10 +52,12 @@ type Mounted struct {
 	dir    string // the per-mount state directory
 	logger *slog.Logger
 
-	mu      sync.Mutex // guards layers, overlay, closed, overlayProc and overlayExited
-	layers  []*layerMount
-	overlay bool
-	closed  bool
+	mu       sync.Mutex // guards layers, shared, borrowed, overlay, closed, overlayProc and overlayExited
+	layers   []*layerMount
+	shared   []*sharedLayer
+	borrowed map[*reader.Layer]int // layers another process serves, to its pid
+	overlay  bool
+	closed   bool
 	// overlayProc is fuse-overlayfs when rootless; overlayExited receives
 	// its exit.
 	overlayProc   *exec.Cmd
@@ -67,7 +76,10 @@ type State struct {
 	PID    int      `json:"pid"`
 	Ref    string   `json:"ref"`
 	Target string   `json:"target"`
-	Layers []string `json:"layers"` // layer mount points, bottom first
+	Layers []string `json:"layers"` // private layer mount points, bottom first
+	// Shared are the directories of the shared layers the mount uses
+	// (see shared.go).
+	Shared []string `json:"shared,omitempty"`
 }
 
 const stateFile = "state.json"
@@ -78,6 +90,10 @@ const stateFile = "state.json"
 type Lower struct {
 	Layer *reader.Layer
 	Dir   string
+	// Share, for a FUSE layer, is the key under which other processes
+	// may use its mount (with Options.SharedDir): equal keys must mean
+	// equal file systems. A file name (no slashes). Empty: not shared.
+	Share string
 }
 
 func (l Lower) name() string {
@@ -111,6 +127,9 @@ func MountLowers(ctx context.Context, layers []Lower, target string, o Options) 
 		if (l.Layer == nil) == (l.Dir == "") {
 			return nil, fmt.Errorf("layer %d: want exactly one of a FUSE layer and a directory", i)
 		}
+		if l.Share != "" && (l.Layer == nil || strings.ContainsAny(l.Share, "/\x00") || l.Share == "." || l.Share == "..") {
+			return nil, fmt.Errorf("layer %d: share key %q: want a file name for a FUSE layer", i, l.Share)
+		}
 	}
 	if (o.Upper == "") != (o.Work == "") {
 		return nil, errors.New("--upper and --work go together")
@@ -126,7 +145,7 @@ func MountLowers(ctx context.Context, layers []Lower, target string, o Options) 
 	if err != nil {
 		return nil, err
 	}
-	m := &Mounted{Target: target, dir: dir, logger: o.Logger}
+	m := &Mounted{Target: target, dir: dir, logger: o.Logger, borrowed: map[*reader.Layer]int{}}
 	defer func() {
 		if err != nil {
 			if cerr := m.Close(); cerr != nil {
@@ -137,9 +156,21 @@ func MountLowers(ctx context.Context, layers []Lower, target string, o Options) 
 
 	st := State{PID: os.Getpid(), Ref: o.Ref, Target: target}
 	paths := make([]string, len(layers))
+	shareKey := func(l Lower) string {
+		if o.SharedDir == "" {
+			return ""
+		}
+		return l.Share
+	}
 	for i, l := range layers {
 		paths[i] = filepath.Join(dir, fmt.Sprint(i))
-		if l.Layer != nil {
+		switch {
+		case l.Layer == nil:
+		case shareKey(l) != "":
+			if d := filepath.Join(o.SharedDir, l.Share); !slices.Contains(st.Shared, d) {
+				st.Shared = append(st.Shared, d)
+			}
+		default:
 			st.Layers = append(st.Layers, paths[i])
 		}
 	}
@@ -148,6 +179,7 @@ func MountLowers(ctx context.Context, layers []Lower, target string, o Options) 
 	if err := writeState(dir, st); err != nil {
 		return nil, err
 	}
+	fellBack := false
 	for i, l := range layers {
 		if l.Layer == nil {
 			// A directory lower goes in as a symlink in the state dir: the
@@ -158,6 +190,24 @@ func MountLowers(ctx context.Context, layers []Lower, target string, o Options) 
 			}
 			continue
 		}
+		if key := shareKey(l); key != "" {
+			// A shared layer goes in as a symlink to its mount, like a
+			// directory lower.
+			sl, err := m.useShared(o.SharedDir, key, l.Layer)
+			switch {
+			case err == nil:
+				if err := os.Symlink(sl.mnt(), paths[i]); err != nil {
+					return nil, err
+				}
+				continue
+			case errors.Is(err, errCannotShare):
+				o.Logger.Warn("mounting the layer privately", "layer", l.name(), "err", err)
+				st.Layers = append(st.Layers, paths[i])
+				fellBack = true
+			default:
+				return nil, fmt.Errorf("mount shared layer %s: %w", l.name(), err)
+			}
+		}
 		lm, err := mountLayer(l.Layer, paths[i], o.Logger)
 		if err != nil {
 			return nil, fmt.Errorf("mount layer %s: %w", l.name(), err)
@@ -166,19 +216,32 @@ func MountLowers(ctx context.Context, layers []Lower, target string, o Options) 
 		m.layers = append(m.layers, lm)
 		m.mu.Unlock()
 	}
+	if fellBack {
+		// umount must find the private mounts too.
+		if err := writeState(dir, st); err != nil {
+			return nil, err
+		}
+	}
 	// Overlay copies the root attributes of each lower when it is mounted:
 	// make the kernel ask every FUSE server for them first.
 	lowers := make([]string, 0, len(paths)+1)
 	// overlayfs refuses a directory twice (images do repeat layers, the
 	// empty one most often); only the topmost copy counts anyway, as
 	// everything the lower copy holds, the upper one shows again.
-	seenDir := map[string]bool{}
+	seen := map[string]bool{}
 	for i := len(paths) - 1; i >= 0; i-- {
-		if d := layers[i].Dir; d != "" {
-			if seenDir[d] {
+		same := ""
+		switch {
+		case layers[i].Dir != "":
+			same = "dir:" + layers[i].Dir
+		case shareKey(layers[i]) != "":
+			same = "shared:" + layers[i].Share
+		}
+		if same != "" {
+			if seen[same] {
 				continue
 			}
-			seenDir[d] = true
+			seen[same] = true
 		}
 		if _, err := os.Stat(paths[i]); err != nil {
 			return nil, fmt.Errorf("layer %s does not answer: %w", paths[i], err)
@@ -233,6 +296,43 @@ func MountLowers(ctx context.Context, layers []Lower, target string, o Options) 
 	return m, nil
 }
 
+// useShared makes this mount a user of the shared layer key, mounting and
+// serving l if no other process does. An image repeating the layer uses
+// it once.
+func (m *Mounted) useShared(sharedDir, key string, l *reader.Layer) (*sharedLayer, error) {
+	dir := filepath.Join(sharedDir, key)
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for _, sl := range m.shared {
+		if sl.dir == dir {
+			if sl.lm == nil {
+				m.borrowed[l] = sl.pid
+			}
+			return sl, nil
+		}
+	}
+	sl, err := acquireShared(sharedDir, key, l, m.logger)
+	if err != nil {
+		return nil, err
+	}
+	m.shared = append(m.shared, sl)
+	if sl.lm == nil {
+		m.borrowed[l] = sl.pid
+		m.logger.Info("using the shared mount of a layer another process serves", "layer", l.Name(), "path", sl.mnt(), "server", sl.pid)
+	}
+	return sl, nil
+}
+
+// Borrowed reports whether layer l is served by another process, whose
+// mount of it this one shares, and that process's pid (0 if unknown). Its
+// reads are that process's: they do not show in l's counters.
+func (m *Mounted) Borrowed(l *reader.Layer) (pid int, ok bool) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	pid, ok = m.borrowed[l]
+	return pid, ok
+}
+
 // Dir is the per-mount state directory.
 func (m *Mounted) Dir() string { return m.dir }
 
@@ -240,8 +340,21 @@ func (m *Mounted) Dir() string { return m.dir }
 // removed from outside) or ctx is done.
 func (m *Mounted) Wait(ctx context.Context) error {
 	m.mu.Lock()
-	layers := m.layers
+	layers := slices.Clone(m.layers)
+	var borrowed []*sharedLayer
+	for _, sl := range m.shared {
+		if sl.lm != nil {
+			layers = append(layers, sl.lm)
+		} else {
+			borrowed = append(borrowed, sl)
+		}
+	}
 	m.mu.Unlock()
+	watchCtx, stopWatch := context.WithCancel(ctx)
+	defer stopWatch()
+	for _, sl := range borrowed {
+		go sl.watchServer(watchCtx, m.logger)
+	}
 	cases := make(chan error, len(layers))
 	for _, lm := range layers {
 		go func(lm *layerMount) {
@@ -266,6 +379,10 @@ func (m *Mounted) Wait(ctx context.Context) error {
 // Close unmounts the overlay and every layer and removes the state
 // directory. A busy mount is detached lazily, with a warning, so nothing
 // stays visible.
+//
+// A shared layer this process serves that other processes still use stays
+// mounted: Close removes the state directory (the overlay is gone by then)
+// and serves on, returning once the last of them released it.
 func (m *Mounted) Close() error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -288,18 +405,77 @@ func (m *Mounted) Close() error {
 		if err := unmount(lm.dir, m.logger); err != nil {
 			errs = append(errs, err)
 		}
-		select {
-		case <-lm.served:
-		case <-time.After(10 * time.Second):
-			errs = append(errs, fmt.Errorf("FUSE server of %s did not stop", lm.dir))
+		if err := lm.stop(); err != nil {
+			errs = append(errs, err)
 		}
-		lm.conn.Close()
 	}
 	m.layers = nil
+	var serving []*sharedLayer
+	for _, sl := range m.shared {
+		sl.releaseUser()
+		if sl.lm == nil {
+			if err := releaseOrphan(sl.dir, m.logger); err != nil {
+				errs = append(errs, fmt.Errorf("release shared layer %s: %w", sl.dir, err))
+			}
+			continue
+		}
+		done, err := sl.tryFinish(m.logger)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("unmount shared layer %s: %w", sl.dir, err))
+		}
+		if !done {
+			serving = append(serving, sl)
+		}
+	}
+	m.shared = nil
 	if len(errs) == 0 {
 		if err := os.RemoveAll(m.dir); err != nil {
 			errs = append(errs, err)
 		}
+	}
+	if len(serving) > 0 {
+		errs = append(errs, serveShared(serving, m.logger))
+	}
+	return errors.Join(errs...)
+}
+
+// sharedPoll is how often a server whose overlay is gone checks whether
+// the other users of its layers have gone too.
+const sharedPoll = 100 * time.Millisecond
+
+// serveShared serves shared layers that other processes use until each
+// is released, then unmounts it.
+func serveShared(serving []*sharedLayer, logger *slog.Logger) error {
+	for _, sl := range serving {
+		logger.Info("shared layer still used by another mount; serving until it is released", "layer", sl.name, "path", sl.mnt())
+	}
+	var errs []error
+	for len(serving) > 0 {
+		time.Sleep(sharedPoll)
+		left := serving[:0]
+		for _, sl := range serving {
+			if sl.stopped() {
+				// Unmounted from outside: nothing left to serve.
+				logger.Warn("shared layer was unmounted from outside", "layer", sl.name, "path", sl.mnt())
+				sl.lm.conn.Close()
+				sl.closeLocks()
+				continue
+			}
+			done, err := sl.tryFinish(logger)
+			switch {
+			case err != nil && done:
+				errs = append(errs, fmt.Errorf("unmount shared layer %s: %w", sl.dir, err))
+			case err != nil:
+				// Keep serving: the other users still read through it.
+				logger.Warn("checking the users of a shared layer", "layer", sl.name, "err", err)
+				left = append(left, sl)
+			case done:
+				logger.Info("last user of a shared layer gone; unmounted it", "layer", sl.name)
+			default:
+				left = append(left, sl)
+			}
+		}
+		serving = left
 	}
 	return errors.Join(errs...)
 }
@@ -327,6 +503,21 @@ func mountLayer(l *reader.Layer, dir string, logger *slog.Logger) (*layerMount, 
 	lm := &layerMount{dir: dir, conn: c, served: make(chan error, 1)}
 	go func() { lm.served <- fs.Serve(c, NewLayerFS(l, logger)) }()
 	return lm, nil
+}
+
+// stop waits for the FUSE server to stop after its mount was removed and
+// closes the connection. A server still running after 10 s (a lazily
+// detached mount still in use) is left to end with the process: closing
+// its connection would wait for its pending read of /dev/fuse forever.
+func (lm *layerMount) stop() error {
+	select {
+	case err := <-lm.served:
+		lm.served <- err // leave it for Wait
+		lm.conn.Close()
+		return nil
+	case <-time.After(10 * time.Second):
+		return fmt.Errorf("FUSE server of %s did not stop", lm.dir)
+	}
 }
 
 // fuseError explains the common reasons FUSE mounts fail.

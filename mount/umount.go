@@ -43,6 +43,7 @@ func unmount(dir string, logger *slog.Logger) error {
 // mountInfo is one line of /proc/self/mountinfo that matters here.
 type mountInfo struct {
 	target string
+	dev    string // maj:min of the mounted file system
 	fstype string
 	super  string // super block options
 }
@@ -71,6 +72,7 @@ func mounts() ([]mountInfo, error) {
 		}
 		out = append(out, mountInfo{
 			target: unescape(fields[4]),
+			dev:    fields[2],
 			fstype: fields[sep+1],
 			super:  fields[sep+3],
 		})
@@ -99,21 +101,36 @@ func unescape(s string) string {
 }
 
 func isMountPoint(dir string) (bool, error) {
+	_, ok, err := mountAt(dir)
+	return ok, err
+}
+
+// mountAt returns the topmost mount at dir.
+func mountAt(dir string) (mountInfo, bool, error) {
 	ms, err := mounts()
 	if err != nil {
-		return false, err
+		return mountInfo{}, false, err
 	}
+	var found mountInfo
+	ok := false
 	for _, m := range ms {
 		if m.target == dir {
-			return true, nil
+			found, ok = m, true
 		}
 	}
-	return false, nil
+	return found, ok, nil
 }
 
 // Unmount tears down the stack mounted at target: it asks the serving
 // process to stop and, if that process is gone or does not finish in time,
 // unmounts the overlay and every layer itself.
+//
+// It returns once the overlay at target is gone and the serving process
+// exited, or tore its mount down and serves on only shared layers another
+// mount still uses: such a process unmounts its overlay and its other
+// layers, removes the state directory, then serves on in the background
+// until those layers are released (see shared.go). Unmount does not wait
+// for that.
 func Unmount(target string, logger *slog.Logger) error {
 	if logger == nil {
 		logger = slog.Default()
@@ -129,11 +146,15 @@ func Unmount(target string, logger *slog.Logger) error {
 	if st.PID > 0 && st.PID != os.Getpid() && alive(st.PID) {
 		if err := syscall.Kill(st.PID, syscall.SIGTERM); err == nil {
 			deadline := time.Now().Add(15 * time.Second)
-			for time.Now().Before(deadline) && alive(st.PID) {
+			for time.Now().Before(deadline) && alive(st.PID) && !lingering(st.PID, dir, st.Shared) {
 				time.Sleep(50 * time.Millisecond)
 			}
-			if !alive(st.PID) {
-				if still, _ := isMountPoint(abs); !still {
+			if still, _ := isMountPoint(abs); !still {
+				if !alive(st.PID) {
+					return nil
+				}
+				if lingering(st.PID, dir, st.Shared) {
+					logger.Info("unmounted; the server goes on serving shared layers other mounts use until they are released", "pid", st.PID)
 					return nil
 				}
 			}
@@ -149,12 +170,37 @@ func Unmount(target string, logger *slog.Logger) error {
 			errs = append(errs, err)
 		}
 	}
+	// The server's shared layers: if it is dead, its locks died with it;
+	// a layer nobody else uses is removed, one still used is left to its
+	// users (the last one removes it). The layers of a live server that
+	// does not answer stay until it ends.
+	for _, d := range st.Shared {
+		if err := releaseOrphan(d, logger); err != nil {
+			errs = append(errs, fmt.Errorf("release shared layer %s: %w", d, err))
+		}
+	}
 	if len(errs) == 0 && dir != "" {
 		if err := os.RemoveAll(dir); err != nil {
 			errs = append(errs, err)
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// lingering reports whether process pid tore its mount down (removed its
+// state directory dir) and serves on shared layers others use: it still
+// serves one of the mount's shared layers. A server that is merely exiting
+// has removed those it served before its state directory.
+func lingering(pid int, dir string, shared []string) bool {
+	if _, err := os.Stat(dir); !errors.Is(err, os.ErrNotExist) {
+		return false
+	}
+	for _, d := range shared {
+		if serverPID(d) == pid {
+			return true
+		}
+	}
+	return false
 }
 
 // findState finds the state of the stack at target through the overlay's

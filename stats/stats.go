@@ -55,6 +55,13 @@ type Layer struct {
 	PrefetchBytes int64  `json:"prefetch_bytes"`
 	Prefetch      string `json:"prefetch"`
 	Background    string `json:"background"`
+
+	// Borrowed is set when another process serves the layer: this mount
+	// uses that process's FUSE mount of it (a shared layer), so its reads
+	// are served, fetched and counted there, not here. ServerPID is that
+	// process, when known.
+	Borrowed  bool `json:"borrowed,omitempty"`
+	ServerPID int  `json:"server_pid,omitempty"`
 }
 
 // Snapshot is a mount's statistics at one moment.

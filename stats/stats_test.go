@@ -130,3 +130,34 @@ func TestWriteTable(t *testing.T) {
 		t.Errorf("size(3 MiB) = %q", got)
 	}
 }
+
+// TestBorrowedLayer: a layer another process serves shows who serves it,
+// not counters of its own, and stays out of the totals.
+func TestBorrowedLayer(t *testing.T) {
+	s := Snapshot{Ref: "r/x@sha256:1", Mountpoint: "/mnt/b", Layers: []Layer{
+		snap.Layers[0],
+		{Digest: "sha256:cc", TotalBytes: 1000, Borrowed: true, ServerPID: 4242},
+	}}
+	var b strings.Builder
+	if err := WriteTable(&b, s); err != nil {
+		t.Fatal(err)
+	}
+	out := b.String()
+	for _, want := range []string{"shared, served by pid 4242", "Fetched 40 B of 100 B (40.0%)", "1 shared layer(s) served by another process"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("table lacks %q:\n%s", want, out)
+		}
+	}
+	b.Reset()
+	if err := WriteMetrics(&b, s); err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{
+		`stargz_mount_layer_borrowed{mountpoint="/mnt/b",layer="sha256:cc"} 1` + "\n",
+		`stargz_mount_layer_borrowed{mountpoint="/mnt/b",layer="sha256:aa"} 0` + "\n",
+	} {
+		if !strings.Contains(b.String(), want) {
+			t.Errorf("metrics lack %q", want)
+		}
+	}
+}

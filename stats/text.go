@@ -27,6 +27,7 @@ var metrics = []metric{
 	{"stargz_mount_layer_retries_total", "counter", "Retried HTTP requests for the layer blob.", func(l Layer) float64 { return float64(l.Retries) }},
 	{"stargz_mount_layer_errors_total", "counter", "Failed HTTP requests for the layer blob.", func(l Layer) float64 { return float64(l.Errors) }},
 	{"stargz_mount_layer_prefetch_bytes", "gauge", "Size of the layer's prioritized region.", func(l Layer) float64 { return float64(l.PrefetchBytes) }},
+	{"stargz_mount_layer_borrowed", "gauge", "1 when another process serves the layer (a shared layer mount); its reads are counted there.", func(l Layer) float64 { return b2f(l.Borrowed) }},
 }
 
 func b2f(b bool) float64 {
@@ -66,7 +67,18 @@ func WriteTable(w io.Writer, s Snapshot) error {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "#\tLAYER\tFETCHED\tCOMPLETE\tMEM HIT/MISS\tDISK HIT/MISS\tREQUESTS\tRETRIES\tERRORS\tPREFETCH\tBACKGROUND")
 	var total, fetched int64
+	borrowed := 0
 	for i, l := range s.Layers {
+		if l.Borrowed {
+			// Its reads are another process's: nothing to count here.
+			borrowed++
+			by := "another process"
+			if l.ServerPID > 0 {
+				by = "pid " + strconv.Itoa(l.ServerPID)
+			}
+			fmt.Fprintf(tw, "%d\t%s\tshared, served by %s\t-\t-\t-\t-\t-\t-\t-\t-\n", i, short(l.Digest), by)
+			continue
+		}
 		total += l.TotalBytes
 		fetched += l.FetchedBytes
 		fmt.Fprintf(tw, "%d\t%s\t%s of %s (%s)\t%s\t%d/%d\t%d/%d\t%d\t%d\t%d\t%s\t%s\n", i, short(l.Digest),
@@ -76,6 +88,9 @@ func WriteTable(w io.Writer, s Snapshot) error {
 	}
 	tw.Flush()
 	_, err := fmt.Fprintf(w, "\nFetched %s of %s (%s)\n", size(fetched), size(total), percent(fetched, total))
+	if err == nil && borrowed > 0 {
+		_, err = fmt.Fprintf(w, "%d shared layer(s) served by another process: see its stats\n", borrowed)
+	}
 	return err
 }
 
