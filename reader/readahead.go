@@ -18,6 +18,10 @@ const (
 	// A read starting within aheadSlack of where the previous one ended
 	// continues a sequential run (the kernel reorders its reads a little).
 	aheadSlack = 512 << 10
+	// A read up to aheadBehind before where the furthest one ended
+	// continues it too: the kernel sends its read-ahead for a file as
+	// several requests at once (FUSE async reads), served in any order.
+	aheadBehind = 4 << 20
 	// Reads in a row before read-ahead starts.
 	aheadStreak = 2
 	// Files whose read state is kept; past it the state is dropped.
@@ -54,7 +58,7 @@ func (l *Layer) noteRead(n *Node, off, size int64) {
 		s = &seqState{}
 		t.seq[n] = s
 	}
-	if (off == 0 && s.next == 0) || (off >= s.next-aheadSlack && off <= s.next+aheadSlack) {
+	if (off == 0 && s.next == 0) || (off >= s.next-aheadBehind && off <= s.next+aheadSlack) {
 		s.streak++
 	} else {
 		s.streak, s.ahead = 0, 0
