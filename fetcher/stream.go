@@ -139,7 +139,7 @@ func (s *stream) backoff(cause error) error {
 	}
 	if s.resumes >= maxResumes {
 		return &Error{Op: "fetch blob", Ref: s.what, Kind: KindTransient,
-			Err: fmt.Errorf("gave up at byte %d of %d-%d after %d resumes: %w", s.off, s.start, s.end-1, s.resumes, cause)}
+			Err: fmt.Errorf("gave up after %d resumes, at byte %d of %d-%d: %w", s.resumes, s.off, s.start, s.end-1, cause)}
 	}
 	delay := backoff(s.resumes)
 	var fe *Error
