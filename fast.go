@@ -73,7 +73,6 @@ func newSession(ref string, img *fetcher.Image, blobs []*fetcher.Blob, layers []
 }
 
 // borrow notes which of the session's layers another process serves.
-// Call it before startPrefetch.
 func (s *session) borrow(m interface {
 	Borrowed(*reader.Layer) (int, bool)
 }) {

@@ -391,6 +391,10 @@ func serve(c *cli.Context, ref, target string, ready func(error), mounted func(*
 	if err != nil {
 		return err
 	}
+	// Prefetch while the layers are being mounted. A layer that turns out
+	// to be served by another process was prefetched there already: its
+	// prioritized chunks come from the shared disk cache without a request.
+	sess.startPrefetch(c.Bool("prefetch"))
 	m, err := mount.MountLowers(ctx, lowers, target, mount.Options{
 		StateDir:  c.String("cache-dir"),
 		Writable:  c.Bool("writable"),
@@ -403,9 +407,8 @@ func serve(c *cli.Context, ref, target string, ready func(error), mounted func(*
 	if err != nil {
 		return err
 	}
-	// Layers another process serves are prefetched and fetched there.
+	// Layers another process serves are fetched in the background there.
 	sess.borrow(m)
-	sess.startPrefetch(c.Bool("prefetch"))
 	sess.waitPrefetch(c.Duration("prefetch-timeout"))
 	if err := sess.publish(m.Target, c.String("metrics-addr")); err != nil {
 		m.Close()
