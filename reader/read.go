@@ -446,12 +446,18 @@ func decode(c *chunk, comp []byte) ([]byte, error) {
 		return nil, fmt.Errorf("%w: blob bytes %d-%d are not gzip: %v", ErrCorrupt, c.blobOff, c.blobEnd-1, err)
 	}
 	defer zr.Close()
-	if _, err := io.CopyN(io.Discard, zr, c.inner); err != nil {
-		return nil, fmt.Errorf("%w: gzip member at %d ends before inner offset %d: %v", ErrCorrupt, c.blobOff, c.inner, err)
+	return readChunk(c, zr, "gzip member")
+}
+
+// readChunk reads chunk c from r, the decompressed unit (gzip member, zstd
+// frame) holding it, and verifies it.
+func readChunk(c *chunk, r io.Reader, unit string) ([]byte, error) {
+	if _, err := io.CopyN(io.Discard, r, c.inner); err != nil {
+		return nil, fmt.Errorf("%w: %s at %d ends before inner offset %d: %v", ErrCorrupt, unit, c.blobOff, c.inner, err)
 	}
 	data := make([]byte, c.size)
-	if _, err := io.ReadFull(zr, data); err != nil {
-		return nil, fmt.Errorf("%w: gzip member at %d holds less than the %d bytes the TOC declares: %v", ErrCorrupt, c.blobOff, c.size, err)
+	if _, err := io.ReadFull(r, data); err != nil {
+		return nil, fmt.Errorf("%w: %s at %d holds less than the %d bytes the TOC declares: %v", ErrCorrupt, unit, c.blobOff, c.size, err)
 	}
 	if c.digest != "" {
 		v := c.digest.Verifier()

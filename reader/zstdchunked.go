@@ -218,19 +218,5 @@ func decodeZstd(c *chunk, comp []byte) ([]byte, error) {
 	if err := zr.Reset(bytes.NewReader(comp)); err != nil {
 		return nil, fmt.Errorf("%w: blob bytes %d-%d are not zstd: %v", ErrCorrupt, c.blobOff, c.blobEnd-1, err)
 	}
-	if _, err := io.CopyN(io.Discard, zr, c.inner); err != nil {
-		return nil, fmt.Errorf("%w: zstd frame at %d ends before inner offset %d: %v", ErrCorrupt, c.blobOff, c.inner, err)
-	}
-	data := make([]byte, c.size)
-	if _, err := io.ReadFull(zr, data); err != nil {
-		return nil, fmt.Errorf("%w: zstd frame at %d holds less than the %d bytes the TOC declares: %v", ErrCorrupt, c.blobOff, c.size, err)
-	}
-	if c.digest != "" {
-		v := c.digest.Verifier()
-		v.Write(data)
-		if !v.Verified() {
-			return nil, fmt.Errorf("%w: chunk at blob offset %d does not match its digest %s", ErrCorrupt, c.blobOff, c.digest)
-		}
-	}
-	return data, nil
+	return readChunk(c, zr, "zstd frame")
 }
