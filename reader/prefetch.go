@@ -3,6 +3,7 @@ package reader
 import (
 	"context"
 	"fmt"
+	"io"
 	"runtime"
 	"sync/atomic"
 
@@ -42,9 +43,15 @@ func (l *Layer) Prefetch(ctx context.Context) error {
 	// Reads of these chunks meanwhile wait for this fetch rather than
 	// fetching them again.
 	calls := l.claim(units, todo)
+	// Chunks are decoded, on every core, as their bytes arrive: the mount
+	// waits for the prefetch, and decoding is most of its CPU time.
 	comp := make([]byte, end-start)
-	if err := readFull(ctx, l.blob, comp, start); err != nil {
-		err = fmt.Errorf("prefetch %s: blob bytes %d-%d: %w", l.name, start, end-1, err)
+	fill, closeFill, err := l.filler(ctx, comp, start)
+	fail := func(err error) error {
+		return fmt.Errorf("prefetch %s: blob bytes %d-%d: %w", l.name, start, end-1, err)
+	}
+	if err != nil {
+		err = fail(err)
 		for _, cl := range calls {
 			if cl != nil {
 				cl.err = err
@@ -54,9 +61,6 @@ func (l *Layer) Prefetch(ctx context.Context) error {
 		l.acct.prefetch.Store("failed")
 		return err
 	}
-	l.counted(len(comp))
-	// Decoding is most of a prefetch's CPU time, and the mount waits for
-	// it: decode on every core.
 	var bad atomic.Int64
 	var g errgroup.Group
 	g.SetLimit(runtime.GOMAXPROCS(0))
@@ -66,6 +70,15 @@ func (l *Layer) Prefetch(ctx context.Context) error {
 			if cl != nil {
 				cl.err = fmt.Errorf("prefetch %s: chunk at %d outside the prioritized region", l.name, c.blobOff)
 			}
+			continue
+		}
+		if err == nil {
+			if err = fill(c.blobEnd - start); err != nil {
+				err = fail(err)
+			}
+		}
+		if err != nil {
+			cl.err = err
 			continue
 		}
 		g.Go(func() error {
@@ -79,8 +92,16 @@ func (l *Layer) Prefetch(ctx context.Context) error {
 			return nil
 		})
 	}
+	closeFill()
+	if err == nil {
+		l.counted(len(comp))
+	}
 	g.Wait()
 	l.settle(units, todo, calls)
+	if err != nil {
+		l.acct.prefetch.Store("failed")
+		return err
+	}
 	l.acct.prefetch.Store("done")
 	if n := bad.Load(); n > 0 {
 		return fmt.Errorf("prefetch %s: %d chunks did not verify", l.name, n)
@@ -130,4 +151,32 @@ func (l *Layer) settle(units []unit, idx []int, calls []*call) {
 			close(cl.done)
 		}
 	}
+}
+
+// filler reads blob bytes from off into buf, in one request. fill(n)
+// returns once buf[:n] holds them: from a blob that streams (the
+// fetcher), as soon as they arrive; from another, once all are read. Call
+// done when finished with fill.
+func (l *Layer) filler(ctx context.Context, buf []byte, off int64) (fill func(n int64) error, done func(), err error) {
+	rs, ok := l.blob.(rangeStreamer)
+	if !ok {
+		if err := readFull(ctx, l.blob, buf, off); err != nil {
+			return nil, nil, err
+		}
+		return func(int64) error { return nil }, func() {}, nil
+	}
+	rc, err := rs.OpenRange(ctx, off, int64(len(buf)))
+	if err != nil {
+		return nil, nil, err
+	}
+	got := int64(0)
+	fill = func(n int64) error {
+		if got >= n {
+			return nil
+		}
+		k, err := io.ReadFull(rc, buf[got:n])
+		got += int64(k)
+		return err
+	}
+	return fill, func() { rc.Close() }, nil
 }
