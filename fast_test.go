@@ -273,7 +273,9 @@ func TestPrefetchOnMount(t *testing.T) {
 	}
 	s = settledStats(e, reg)
 	checkStats(t, s, reg, true)
-	if hi := s.Layers[1]; hi.MemoryMisses != 1 || hi.MemoryHits < int64(len(prio[digests[1]])) {
+	// r03 misses at least once (reads of its later chunks may miss too,
+	// while they stream in); the prioritized files all hit.
+	if hi := s.Layers[1]; hi.MemoryMisses < 1 || hi.MemoryHits < int64(len(prio[digests[1]])) {
 		t.Errorf("hi layer hits/misses: %d/%d", hi.MemoryHits, hi.MemoryMisses)
 	}
 
