@@ -237,6 +237,7 @@ func TestPrefetchOnMount(t *testing.T) {
 		t.Fatalf("stats have %d layers", len(s.Layers))
 	}
 	for i, l := range s.Layers {
+		reg.settle(digests[i], 2)
 		log := reg.requests(digests[i])
 		// The tail with footer and TOC, and the prioritized region.
 		var data []blobRequest
