@@ -16,7 +16,8 @@ const maxResumes = 5
 // Open streams the whole blob from the start. If the connection drops or
 // cannot be made, the stream resumes where it stopped with a Range request,
 // a few times (backoff as for ReadAt; a response that goes quiet for the
-// stall timeout counts as dropped). The bytes are not verified here: hash
+// stall timeout counts as dropped), and gives up when it has not moved for
+// the fetch timeout. The bytes are not verified here: hash
 // them if they must match the digest. Reads after ctx is done fail.
 func (b *Blob) Open(ctx context.Context) (io.ReadCloser, error) {
 	return b.OpenRange(ctx, 0, b.size)
@@ -30,7 +31,7 @@ func (b *Blob) OpenRange(ctx context.Context, off, n int64) (io.ReadCloser, erro
 	if off < 0 || n < 0 || off+n > b.size {
 		return nil, fmt.Errorf("range %d+%d outside the %d-byte blob %s", off, n, b.size, b.digest)
 	}
-	s := &stream{b: b, ctx: ctx, what: fmt.Sprintf("%s@%s", b.img.repo, b.digest), start: off, off: off, end: off + n}
+	s := &stream{b: b, ctx: ctx, what: fmt.Sprintf("%s@%s", b.img.repo, b.digest), start: off, off: off, end: off + n, moved: time.Now()}
 	if n == 0 {
 		return s, nil
 	}
@@ -48,7 +49,8 @@ type stream struct {
 	body       io.Reader // nil between connections
 	done       func()    // releases the current response
 	start, end int64
-	off        int64 // next blob offset to deliver
+	off        int64     // next blob offset to deliver
+	moved      time.Time // when off last moved (or the stream opened)
 	resumes    int
 }
 
@@ -97,6 +99,9 @@ func (s *stream) Read(p []byte) (int, error) {
 		}
 		n, err := s.body.Read(p)
 		s.off += int64(n)
+		if n > 0 {
+			s.moved = time.Now()
+		}
 		s.b.bytes.Add(int64(n))
 		if n > 0 || err == nil {
 			return n, nil
@@ -145,6 +150,11 @@ func (s *stream) backoff(cause error) error {
 	var fe *Error
 	if errors.As(cause, &fe) && fe.RetryAfter > delay {
 		delay = fe.RetryAfter
+	}
+	if stuck := time.Since(s.moved); stuck+delay > s.b.img.fetchTimeout {
+		return &Error{Op: "fetch blob", Ref: s.what, Kind: KindTransient,
+			Err: fmt.Errorf("gave up after %d resumes, no progress for %s (fetch timeout %s), at byte %d of %d-%d: %w",
+				s.resumes, stuck.Round(time.Millisecond), s.b.img.fetchTimeout, s.off, s.start, s.end-1, cause)}
 	}
 	s.b.img.logger.Debug("resuming blob download", "blob", s.b.digest, "offset", s.off, "in", delay.Round(time.Millisecond), "err", cause)
 	s.b.retries.Add(1)

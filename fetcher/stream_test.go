@@ -9,6 +9,7 @@ import (
 	"strings"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/google/go-containerregistry/pkg/v1/random"
 )
@@ -94,4 +95,85 @@ func TestBlobOpen(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestBlobOpenRange: a range streams exactly its bytes, resuming like Open,
+// and gives up once it has not moved for the fetch timeout.
+func TestBlobOpenRange(t *testing.T) {
+	tests := []struct {
+		name    string
+		wrap    func(http.Handler) http.Handler
+		off, n  int64
+		timeout time.Duration
+		wantErr string
+		maxWait time.Duration
+	}{
+		{name: "middle", off: 12_345, n: 50_000},
+		{name: "to the end", off: 60_000, n: -1},
+		{name: "empty", off: 10, n: 0},
+		{name: "resumes after dropped connections", wrap: dropAfter(30_000, 2), off: 5_000, n: 80_000},
+		{name: "registry ignores Range", wrap: stripRange, off: 40_000, n: 30_000},
+		{name: "gives up at the fetch timeout", wrap: dropAfter(0, -1), off: 1_000, n: 50_000,
+			timeout: time.Second, wantErr: "fetch timeout", maxWait: 3 * time.Second},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			host := serve(t, tt.wrap)
+			img, err := random.Image(100_000, 1)
+			if err != nil {
+				t.Fatal(err)
+			}
+			push(t, img, host+"/blob:1")
+			var opts []Option
+			if tt.timeout > 0 {
+				opts = append(opts, WithFetchTimeout(tt.timeout))
+			}
+			im, err := Resolve(context.Background(), host+"/blob:1", opts...)
+			if err != nil {
+				t.Fatal(err)
+			}
+			layers, _ := img.Layers()
+			rc, _ := layers[0].Compressed()
+			all, _ := io.ReadAll(rc)
+			n := tt.n
+			if n < 0 {
+				n = int64(len(all)) - tt.off
+			}
+			b := im.Blob(im.Layers[0])
+			start := time.Now()
+			got, err := func() ([]byte, error) {
+				r, err := b.OpenRange(context.Background(), tt.off, n)
+				if err != nil {
+					return nil, err
+				}
+				defer r.Close()
+				return io.ReadAll(r)
+			}()
+			if tt.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+					t.Fatalf("err = %v, want one saying %q", err, tt.wantErr)
+				}
+				if took := time.Since(start); took > tt.maxWait {
+					t.Errorf("gave up after %v, want within %v", took, tt.maxWait)
+				}
+				return
+			}
+			if err != nil || !bytes.Equal(got, all[tt.off:tt.off+n]) {
+				t.Fatalf("read %d bytes, %v; want bytes %d+%d", len(got), err, tt.off, n)
+			}
+		})
+	}
+	t.Run("outside the blob", func(t *testing.T) {
+		host := serve(t, nil)
+		img, _ := random.Image(1000, 1)
+		push(t, img, host+"/blob:1")
+		im, err := Resolve(context.Background(), host+"/blob:1")
+		if err != nil {
+			t.Fatal(err)
+		}
+		b := im.Blob(im.Layers[0])
+		if _, err := b.OpenRange(context.Background(), b.Size()-10, 20); err == nil {
+			t.Error("a range past the end opened")
+		}
+	})
 }
