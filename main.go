@@ -57,10 +57,11 @@ MOUNTPOINT, an existing empty directory. Only each layer's table of contents is
 fetched up front; file data is fetched, verified and cached when it is read.
 Each eStargz or zstd:chunked layer is served read-only through FUSE; plain
 gzip, zstd and uncompressed layers are fetched once, checked against their
-digest and unpacked into the cache dir; the layers are stacked with overlayfs. stargz-mount stays in the foreground until SIGINT or SIGTERM
-or 'stargz-mount umount MOUNTPOINT', then removes every mount it made; a
-layer mount another image mounted since shares (--share-layers) is served on
-until that image is unmounted too.
+digest and unpacked into the cache dir; the layers are stacked with
+overlayfs. stargz-mount stays in the foreground (--daemon: in the
+background) until SIGINT or SIGTERM or 'stargz-mount umount MOUNTPOINT',
+then removes every mount it made; a layer mount that another image mounted
+since shares (--share-layers) is served on until that image is unmounted.
 
 Example:
    mkdir /mnt/app && stargz-mount --daemon registry.example.com/app:1.0 /mnt/app
