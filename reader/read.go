@@ -83,9 +83,6 @@ type fetchTable struct {
 	failed   map[string]failure  // by chunk key
 	seq      map[*Node]*seqState // by file being read
 
-	orderOnce sync.Once
-	order     []placed // every chunk of the layer in blob order
-
 	ahead      atomic.Int64 // compressed bytes of read-ahead fetches in flight
 	aheadPlans atomic.Int64 // read-ahead fetches in flight
 	loading    atomic.Int64 // bytes of read-ahead store loads in flight
@@ -197,25 +194,28 @@ func (l *Layer) planLocked(n *Node, i int, end, limit int64, ahead bool) *plan {
 		t.inflight = map[string]*call{}
 		t.failed = map[string]failure{}
 	}
-	t.orderOnce.Do(func() { t.order = blobOrder(l.root) })
-	order := t.order
+	// The layer's chunks in blob order (stats.go). Only their fixed
+	// fields c and n are read here: kept changes under another lock.
+	order := l.index()
 	c0 := &n.chunks[i]
 	pos := sort.Search(len(order), func(k int) bool {
 		c := order[k].c
 		return c.blobOff > c0.blobOff || (c.blobOff == c0.blobOff && c.inner >= c0.inner)
 	})
-	for pos < len(order) && order[pos].c != c0 {
-		pos++
-	}
-	if pos == len(order) { // not in the walk (cannot happen): this chunk alone
-		order, pos = []placed{{c0, n}}, 0
+	if pos == len(order) || order[pos].c.blobOff != c0.blobOff || order[pos].c.inner != c0.inner {
+		order, pos = []unit{{c: c0, n: n}}, 0 // not in the index (cannot happen): this chunk alone
 	}
 	p := &plan{ahead: ahead}
 	var foreign int64 // bytes of other files planned
 	now := time.Now()
 	for k := pos; k < len(order); k++ {
-		c := order[k].c
-		if k > pos && (c.blobOff-c0.blobOff > lookBytes || (order[k].n == n && c.off >= end)) {
+		c, owner := order[k].c, order[k].n
+		if k == pos {
+			// The index keeps one of chunks sharing their bytes: plan
+			// the one asked for, as n's.
+			c, owner = c0, n
+		}
+		if k > pos && (c.blobOff-c0.blobOff > lookBytes || (owner == n && c.off >= end)) {
 			return p
 		}
 		key := l.key(c)
@@ -226,14 +226,14 @@ func (l *Layer) planLocked(n *Node, i int, end, limit int64, ahead bool) *plan {
 			}
 			covered = covered || l.cache.has(key)
 			if covered {
-				if order[k].n != n && len(p.chunks) == 0 {
+				if owner != n && len(p.chunks) == 0 {
 					return p // read-ahead found nothing left of its file
 				}
 				continue
 			}
 		}
 		size := c.blobEnd - c.blobOff
-		if order[k].n != n {
+		if owner != n {
 			if foreign+size > neighbourBytes {
 				return p
 			}
@@ -259,48 +259,17 @@ func (l *Layer) planLocked(n *Node, i int, end, limit int64, ahead bool) *plan {
 			p.ranges = append(p.ranges, span{c.blobOff, c.blobEnd})
 			p.bytes = size
 		}
-		if order[k].n != n {
+		if owner != n {
 			foreign += size
 		}
 		cl := &call{done: make(chan struct{}), ahead: ahead}
 		t.inflight[key] = cl
 		delete(t.failed, key)
 		p.chunks = append(p.chunks, c)
-		p.owners = append(p.owners, order[k].n)
+		p.owners = append(p.owners, owner)
 		p.calls = append(p.calls, cl)
 	}
 	return p
-}
-
-// placed is a chunk and the file it belongs to.
-type placed struct {
-	c *chunk
-	n *Node
-}
-
-// blobOrder lists the chunks of every file under root in blob order.
-func blobOrder(root *Node) []placed {
-	var out []placed
-	seen := map[*Node]bool{}
-	var walk func(n *Node)
-	walk = func(n *Node) {
-		if seen[n] {
-			return
-		}
-		seen[n] = true
-		for k := range n.chunks {
-			out = append(out, placed{&n.chunks[k], n})
-		}
-		for _, d := range n.children {
-			walk(d.Node)
-		}
-	}
-	walk(root)
-	sort.Slice(out, func(a, b int) bool {
-		ca, cb := out[a].c, out[b].c
-		return ca.blobOff < cb.blobOff || (ca.blobOff == cb.blobOff && ca.inner < cb.inner)
-	})
-	return out
 }
 
 // rangesReader is implemented by blobs that read several ranges in one go

@@ -44,6 +44,7 @@ type Stats struct {
 // hardlinked names appear once.
 type unit struct {
 	c     *chunk
+	n     *Node // the file c belongs to
 	bytes int64 // compressed bytes it accounts for: 0 for a second chunk of one gzip member
 	kept  bool
 }
@@ -52,7 +53,7 @@ type unit struct {
 // requests.
 type accounting struct {
 	once  sync.Once
-	units []unit // sorted by blob offset, then inner offset; fixed after once
+	units []unit // sorted by blob offset, then inner offset; c and n fixed after once
 	total int64
 	data  int64 // decompressed bytes of all units
 
@@ -80,7 +81,7 @@ func (l *Layer) index() []unit {
 			}
 			seen[n] = true
 			for i := range n.chunks {
-				a.units = append(a.units, unit{c: &n.chunks[i]})
+				a.units = append(a.units, unit{c: &n.chunks[i], n: n})
 			}
 			for _, d := range n.children {
 				walk(d.Node)
