@@ -3,7 +3,6 @@ package reader
 import (
 	"context"
 	"fmt"
-	"io"
 	"runtime"
 	"sync/atomic"
 
@@ -151,32 +150,4 @@ func (l *Layer) settle(units []unit, idx []int, calls []*call) {
 			close(cl.done)
 		}
 	}
-}
-
-// filler reads blob bytes from off into buf, in one request. fill(n)
-// returns once buf[:n] holds them: from a blob that streams (the
-// fetcher), as soon as they arrive; from another, once all are read. Call
-// done when finished with fill.
-func (l *Layer) filler(ctx context.Context, buf []byte, off int64) (fill func(n int64) error, done func(), err error) {
-	rs, ok := l.blob.(rangeStreamer)
-	if !ok {
-		if err := readFull(ctx, l.blob, buf, off); err != nil {
-			return nil, nil, err
-		}
-		return func(int64) error { return nil }, func() {}, nil
-	}
-	rc, err := rs.OpenRange(ctx, off, int64(len(buf)))
-	if err != nil {
-		return nil, nil, err
-	}
-	got := int64(0)
-	fill = func(n int64) error {
-		if got >= n {
-			return nil
-		}
-		k, err := io.ReadFull(rc, buf[got:n])
-		got += int64(k)
-		return err
-	}
-	return fill, func() { rc.Close() }, nil
 }

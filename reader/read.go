@@ -284,8 +284,8 @@ type rangesReader interface {
 func (l *Layer) run(p *plan) {
 	ctx, cancel := context.WithTimeout(context.Background(), fetchTimeout)
 	defer cancel()
-	if rs, ok := l.blob.(rangeStreamer); ok && len(p.ranges) == 1 && len(p.chunks) > 1 {
-		l.runStream(ctx, p, rs)
+	if _, ok := l.blob.(rangeStreamer); ok && len(p.ranges) == 1 && len(p.chunks) > 1 {
+		l.runStream(ctx, p)
 		return
 	}
 	bufs := make([][]byte, len(p.ranges))
@@ -342,20 +342,17 @@ type rangeStreamer interface {
 // chunk is decoded, kept and handed to its readers as soon as its bytes
 // are in, rather than when the whole range is. A sequential reader thus
 // follows the download the way it would follow one GET of the blob.
-func (l *Layer) runStream(ctx context.Context, p *plan, rs rangeStreamer) {
+func (l *Layer) runStream(ctx context.Context, p *plan) {
 	r := p.ranges[0]
 	buf := make([]byte, r.end-r.off)
-	rc, err := rs.OpenRange(ctx, r.off, r.end-r.off)
+	fill, done, err := l.filler(ctx, buf, r.off)
 	if err == nil {
-		defer rc.Close()
+		defer done()
 	}
-	got := int64(0) // bytes of buf filled
 	for x, c := range p.chunks {
 		cl := p.calls[x]
-		if need := c.blobEnd - r.off; err == nil && got < need {
-			var n int
-			n, err = io.ReadFull(rc, buf[got:need])
-			got += int64(n)
+		if err == nil {
+			err = fill(c.blobEnd - r.off)
 		}
 		if err != nil {
 			cl.err = fmt.Errorf("fetch blob bytes %d-%d: %w", r.off, r.end-1, err)
@@ -370,6 +367,34 @@ func (l *Layer) runStream(ctx context.Context, p *plan, rs rangeStreamer) {
 	if err == nil {
 		l.counted(int(p.bytes))
 	}
+}
+
+// filler reads blob bytes from off into buf, in one request. fill(n)
+// returns once buf[:n] holds them: from a blob that streams (the
+// fetcher), as soon as they arrive; from another, once all are read. Call
+// done when finished with fill.
+func (l *Layer) filler(ctx context.Context, buf []byte, off int64) (fill func(n int64) error, done func(), err error) {
+	rs, ok := l.blob.(rangeStreamer)
+	if !ok {
+		if err := readFull(ctx, l.blob, buf, off); err != nil {
+			return nil, nil, err
+		}
+		return func(int64) error { return nil }, func() {}, nil
+	}
+	rc, err := rs.OpenRange(ctx, off, int64(len(buf)))
+	if err != nil {
+		return nil, nil, err
+	}
+	got := int64(0)
+	fill = func(n int64) error {
+		if got >= n {
+			return nil
+		}
+		k, err := io.ReadFull(rc, buf[got:n])
+		got += int64(k)
+		return err
+	}
+	return fill, func() { rc.Close() }, nil
 }
 
 // finish takes the calls [from, to) of p, their data or error set, out of
