@@ -200,14 +200,11 @@ func (b *bench) recordWithTool(ref string) ([]string, error) {
 	if !b.supports("--record") {
 		return nil, fmt.Errorf("this stargz-mount has no --record")
 	}
-	cache, err := os.MkdirTemp(b.work, "c")
+	cache, mnt, cleanup, err := b.scratch()
 	if err != nil {
 		return nil, err
 	}
-	defer os.RemoveAll(cache)
-	mnt := filepath.Join(b.work, "mnt")
-	os.MkdirAll(mnt, 0o755)
-	defer cleanupMounts(b.bin, mnt)
+	defer cleanup()
 	recFile := filepath.Join(b.work, "record.json")
 	if _, err := b.mountDaemon(ref, cache, mnt, "--record", recFile, "--background-fetch=false"); err != nil {
 		return nil, err
@@ -243,14 +240,11 @@ func (b *bench) recordWithTool(ref string) ([]string, error) {
 // finished, what went through the proxy, and the server's peak RSS. The
 // request timeline is kept under name.
 func (b *bench) mountPython(name, ref string, flags ...string) (sample, error) {
-	cache, err := os.MkdirTemp(b.work, "c")
+	cache, mnt, cleanup, err := b.scratch()
 	if err != nil {
 		return nil, err
 	}
-	defer os.RemoveAll(cache)
-	mnt := filepath.Join(b.work, "mnt")
-	os.MkdirAll(mnt, 0o755)
-	defer cleanupMounts(b.bin, mnt)
+	defer cleanup()
 
 	b.proxy.Reset()
 	b.tracer.reset()
@@ -367,14 +361,11 @@ func (b *bench) bigRead(ref string, im image, local string, flags ...string) (sa
 	if st, err := os.Stat(local); err == nil {
 		size = float64(st.Size())
 	}
-	cache, err := os.MkdirTemp(b.work, "c")
+	cache, mnt, cleanup, err := b.scratch()
 	if err != nil {
 		return nil, err
 	}
-	defer os.RemoveAll(cache)
-	mnt := filepath.Join(b.work, "mnt")
-	os.MkdirAll(mnt, 0o755)
-	defer cleanupMounts(b.bin, mnt)
+	defer cleanup()
 
 	if _, err := b.mountDaemon(ref, cache, mnt, flags...); err != nil {
 		return nil, err
@@ -446,14 +437,11 @@ func (b *bench) profile(ref, outDir string) (string, error) {
 	if _, err := exec.LookPath("perf"); err != nil {
 		return "", fmt.Errorf("perf not installed (Debian: linux-perf)")
 	}
-	cache, err := os.MkdirTemp(b.work, "c")
+	cache, mnt, cleanup, err := b.scratch()
 	if err != nil {
 		return "", err
 	}
-	defer os.RemoveAll(cache)
-	mnt := filepath.Join(b.work, "mnt")
-	os.MkdirAll(mnt, 0o755)
-	defer cleanupMounts(b.bin, mnt)
+	defer cleanup()
 	if _, err := b.mountDaemon(ref, cache, mnt); err != nil {
 		return "", err
 	}
@@ -490,14 +478,11 @@ func (b *bench) profile(ref, outDir string) (string, error) {
 // start until the mount is ready (perf follows the background server it
 // starts), with a fresh cache dir.
 func (b *bench) profileMount(ref, outDir string) (string, error) {
-	cache, err := os.MkdirTemp(b.work, "c")
+	cache, mnt, cleanup, err := b.scratch()
 	if err != nil {
 		return "", err
 	}
-	defer os.RemoveAll(cache)
-	mnt := filepath.Join(b.work, "mnt")
-	os.MkdirAll(mnt, 0o755)
-	defer cleanupMounts(b.bin, mnt)
+	defer cleanup()
 	data := filepath.Join(b.work, "perf-mount.data")
 	out, err := exec.Command("perf", "record", "-F", "999", "-g", "-o", data, "--",
 		b.bin, "--cache-dir", cache, "--cache-max-memory", b.memory, "--daemon", ref, mnt).CombinedOutput()
@@ -583,4 +568,23 @@ func perfSection(report, title string, n int, only ...string) string {
 		}
 	}
 	return strings.Join(keep, "\n") + "\n"
+}
+
+// scratch makes a fresh cache dir and the mount point for one measurement;
+// cleanup unmounts whatever is left at the mount point and removes the
+// cache dir.
+func (b *bench) scratch() (cache, mnt string, cleanup func(), err error) {
+	cache, err = os.MkdirTemp(b.work, "c")
+	if err != nil {
+		return "", "", nil, err
+	}
+	mnt = filepath.Join(b.work, "mnt")
+	if err := os.MkdirAll(mnt, 0o755); err != nil {
+		os.RemoveAll(cache)
+		return "", "", nil, err
+	}
+	return cache, mnt, func() {
+		cleanupMounts(b.bin, mnt)
+		os.RemoveAll(cache)
+	}, nil
 }
