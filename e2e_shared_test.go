@@ -91,6 +91,23 @@ func (s sharedImages) sharedMnt(t *testing.T, cache string) string {
 	return filepath.Join(stats.RuntimeDir(), "layers", key, "mnt")
 }
 
+// pair makes two environments sharing a cache dir, and returns them with
+// where their shared layer is mounted, which is lazily unmounted and
+// removed at the end as a last resort (after the servers were killed).
+func (s sharedImages) pair(t *testing.T) (a, b *env, mnt string) {
+	t.Helper()
+	a = newEnv(t)
+	b = a.sibling()
+	mnt = s.sharedMnt(t, a.cache)
+	t.Cleanup(func() {
+		if fuseMountsAt(t, mnt) > 0 {
+			unix.Unmount(mnt, unix.MNT_DETACH)
+		}
+		os.RemoveAll(filepath.Dir(mnt))
+	})
+	return a, b, mnt
+}
+
 // server is a stargz-mount serving in the foreground, as a test started it.
 type server struct {
 	cmd    *exec.Cmd
@@ -234,16 +251,7 @@ func TestSharedLayers(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			a := newEnv(t)
-			b := a.sibling()
-			mnt := imgs.sharedMnt(t, a.cache)
-			t.Cleanup(func() {
-				// Last resort, after the servers were killed.
-				if fuseMountsAt(t, mnt) > 0 {
-					unix.Unmount(mnt, unix.MNT_DETACH)
-				}
-				os.RemoveAll(filepath.Dir(mnt))
-			})
+			a, b, mnt := imgs.pair(t)
 			sa := a.serveFG(imgs.refA)
 			sb := b.serveFG(imgs.refB)
 
@@ -337,15 +345,7 @@ func TestSharedLayersConcurrentStart(t *testing.T) {
 	host := lt.InProcessRegistry(t)
 	imgs := buildSharedImages(t, host)
 	for round := range 3 {
-		a := newEnv(t)
-		b := a.sibling()
-		mnt := imgs.sharedMnt(t, a.cache)
-		t.Cleanup(func() {
-			if fuseMountsAt(t, mnt) > 0 {
-				unix.Unmount(mnt, unix.MNT_DETACH)
-			}
-			os.RemoveAll(filepath.Dir(mnt))
-		})
+		a, b, mnt := imgs.pair(t)
 		cmds := []*exec.Cmd{a.cmd("--daemon", imgs.refA, a.target), b.cmd("--daemon", imgs.refA, b.target)}
 		errs := make(chan error, 2)
 		for _, c := range cmds {
@@ -418,15 +418,7 @@ func TestSharedLayerServerKilled(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			a := newEnv(t)
-			b := a.sibling()
-			mnt := imgs.sharedMnt(t, a.cache)
-			t.Cleanup(func() {
-				if fuseMountsAt(t, mnt) > 0 {
-					unix.Unmount(mnt, unix.MNT_DETACH)
-				}
-				os.RemoveAll(filepath.Dir(mnt))
-			})
+			a, b, mnt := imgs.pair(t)
 			sa := a.serveFG(imgs.refA)
 			sb := b.serveFG(imgs.refB)
 			if snap := statsOf(t, b.target); !snap.Layers[0].Borrowed {
@@ -526,15 +518,7 @@ func TestSharedLayerUserKilled(t *testing.T) {
 	needFUSE(t)
 	host := lt.InProcessRegistry(t)
 	imgs := buildSharedImages(t, host)
-	a := newEnv(t)
-	b := a.sibling()
-	mnt := imgs.sharedMnt(t, a.cache)
-	t.Cleanup(func() {
-		if fuseMountsAt(t, mnt) > 0 {
-			unix.Unmount(mnt, unix.MNT_DETACH)
-		}
-		os.RemoveAll(filepath.Dir(mnt))
-	})
+	a, b, mnt := imgs.pair(t)
 	sa := a.serveFG(imgs.refA)
 	sb := b.serveFG(imgs.refB)
 	checkFiles(t, b.target, imgs.want(true))
