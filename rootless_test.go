@@ -32,6 +32,22 @@ type unprivileged struct {
 	home     string
 }
 
+// workDir makes a directory under /tmp that the user can read, holding a
+// copy of the binary under test (which lives in a root-only directory),
+// removed at the end; it returns the directory and the copy.
+func (u *unprivileged) workDir(prefix string) (work, exe string) {
+	u.t.Helper()
+	work, err := os.MkdirTemp("/tmp", prefix)
+	if err != nil {
+		u.t.Fatal(err)
+	}
+	u.t.Cleanup(func() { os.RemoveAll(work) })
+	os.Chmod(work, 0o755)
+	exe = filepath.Join(work, "stargz-mount")
+	copyFile(u.t, binary, exe, 0o755)
+	return work, exe
+}
+
 func newUnprivileged(t testing.TB) *unprivileged {
 	t.Helper()
 	for _, tool := range []string{"useradd", "userdel"} {
@@ -147,16 +163,7 @@ func TestRootless(t *testing.T) {
 	lt.Push(t, img, ref)
 
 	u := newUnprivileged(t)
-	// The binary under test lives in a root-only directory: give the user
-	// a copy.
-	work, err := os.MkdirTemp("/tmp", "sgz-rootless")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(work) })
-	os.Chmod(work, 0o755)
-	exe := filepath.Join(work, "stargz-mount")
-	copyFile(t, binary, exe, 0o755)
+	work, exe := u.workDir("sgz-rootless")
 	target := filepath.Join(work, "mnt")
 	if err := os.Mkdir(target, 0o755); err != nil {
 		t.Fatal(err)
@@ -369,14 +376,7 @@ func BenchmarkOverlay(b *testing.B) {
 	lt.Push(b, img, ref)
 	u := newUnprivileged(b)
 	openDevFuse(b)
-	work, err := os.MkdirTemp("/tmp", "sgz-bench-overlay")
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() { os.RemoveAll(work) })
-	os.Chmod(work, 0o755)
-	exe := filepath.Join(work, "stargz-mount")
-	copyFile(b, binary, exe, 0o755)
+	work, exe := u.workDir("sgz-bench-overlay")
 
 	for _, mode := range []string{"root-overlayfs", "rootless-fuse-overlayfs"} {
 		b.Run(mode, func(b *testing.B) {

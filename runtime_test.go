@@ -263,14 +263,7 @@ exec "$0" run -b "$1" "$2"`
 		}
 		u := newUnprivileged(t)
 		openDevFuse(t)
-		work, err := os.MkdirTemp("/tmp", "sgz-rootless-runc")
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { os.RemoveAll(work) })
-		os.Chmod(work, 0o755)
-		exe := filepath.Join(work, "stargz-mount")
-		copyFile(t, binary, exe, 0o755)
+		work, exe := u.workDir("sgz-rootless-runc")
 		dir := filepath.Join(work, "bundle")
 		os.Mkdir(dir, 0o755)
 		os.Chown(dir, int(u.uid), int(u.gid))
@@ -305,14 +298,7 @@ exec "$0" run -b "$1" "$2"`
 		}
 		u := newUnprivileged(t)
 		openDevFuse(t)
-		work, err := os.MkdirTemp("/tmp", "sgz-rootless-podman")
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { os.RemoveAll(work) })
-		os.Chmod(work, 0o755)
-		exe := filepath.Join(work, "stargz-mount")
-		copyFile(t, binary, exe, 0o755)
+		work, exe := u.workDir("sgz-rootless-podman")
 		target := filepath.Join(work, "mnt")
 		os.Mkdir(target, 0o755)
 		os.Chown(target, int(u.uid), int(u.gid))
