@@ -135,7 +135,8 @@ func (l *Layer) chunk(ctx context.Context, n *Node, i int) ([]byte, error) {
 	}
 	defer l.demand.begin()() // background fetching pauses meanwhile
 	for {
-		if b, ok := l.cache.get(key); ok && int64(len(b)) == c.size {
+		// The store was looked in above; what a fetch brings is in memory.
+		if b, ok := l.cache.getMemory(key); ok && int64(len(b)) == c.size {
 			return b, nil
 		}
 		t := &l.fetches
