@@ -19,6 +19,10 @@
 // repairs the count after a crash. Eviction removes the entries with the
 // oldest modification time; Get touches the entries it reads.
 //
+// File entries (PutFile, OpenFile) hold the data alone, so that the kernel
+// can read them directly (FUSE passthrough); their CRC-32C and length are
+// in the xattr user.stargz-mount.crc32c, checked by OpenFile.
+//
 // Hold marks a group as needed by a live user (a shared flock on
 // DIR/.locks/GROUP); Prune and RemoveGroup leave held groups alone. Normal
 // eviction does not: the bound comes first, and an evicted entry is only a
@@ -172,7 +176,10 @@ func (s *Store) Max() int64 { return s.max }
 func (s *Store) tmpDir() string { return filepath.Join(s.dir, ".tmp") }
 
 // cost is what an entry of n data bytes occupies on disk.
-func cost(n int) int64 { return (int64(n) + headerSize + blockSize - 1) / blockSize * blockSize }
+func cost(n int) int64 { return diskCost(int64(n) + headerSize) }
+
+// diskCost is what a file of size bytes occupies on disk.
+func diskCost(size int64) int64 { return (max(size, 0) + blockSize - 1) / blockSize * blockSize }
 
 func validPart(p string) bool {
 	if p == "" || len(p) > 200 || p[0] == '.' {
@@ -305,10 +312,15 @@ func (s *Store) write(f *os.File, p string, b []byte) error {
 	if err != nil {
 		return err
 	}
+	return s.link(f.Name(), p)
+}
+
+// link puts the written temp file tmp into place at p.
+func (s *Store) link(tmp, p string) error {
 	// Link, unlike rename, never replaces: of two writers of one key
 	// exactly one adds the entry, and only its reservation stays.
 	for attempt := 0; ; attempt++ {
-		err = os.Link(f.Name(), p)
+		err := os.Link(tmp, p)
 		if !errors.Is(err, fs.ErrNotExist) || attempt > 0 {
 			return err
 		}
@@ -335,13 +347,18 @@ func (s *Store) removeFile(p string) error {
 	if err != nil {
 		return nil
 	}
+	return s.removeCounted(p, diskCost(fi.Size()))
+}
+
+// removeCounted unlinks an entry counted as c bytes.
+func (s *Store) removeCounted(p string, c int64) error {
 	if err := os.Remove(p); err != nil {
 		if errors.Is(err, fs.ErrNotExist) {
 			return nil
 		}
 		return err
 	}
-	s.release(cost(int(fi.Size()) - headerSize))
+	s.release(c)
 	return nil
 }
 
@@ -450,7 +467,7 @@ func (s *Store) walk(f func(entryInfo) error) error {
 				continue
 			}
 			ei := entryInfo{path: filepath.Join(gdir, e.Name()), group: g.Name(), mtime: fi.ModTime(),
-				cost: cost(int(fi.Size()) - headerSize)}
+				cost: diskCost(fi.Size())}
 			if err := f(ei); err != nil {
 				return err
 			}
@@ -470,7 +487,7 @@ func (s *Store) evict(used, target int64, skip func(group string) bool) (int64, 
 	tmps, _ := os.ReadDir(s.tmpDir())
 	for _, t := range tmps {
 		if fi, err := t.Info(); err == nil {
-			inFlight += cost(int(fi.Size()) - headerSize)
+			inFlight += diskCost(fi.Size())
 		}
 	}
 	var all []entryInfo

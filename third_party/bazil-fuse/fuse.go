@@ -104,6 +104,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"runtime"
 	"strings"
 	"sync"
 	"syscall"
@@ -123,6 +124,50 @@ type Conn struct {
 	proto Protocol
 	// Feature flags negotiated with initRequest/initResponse.
 	flags InitFlags
+	// passthrough is set when the kernel agreed to FUSE passthrough.
+	passthrough bool
+}
+
+// Passthrough reports whether the kernel agreed to FUSE passthrough (see
+// the Passthrough mount option).
+//
+// stargz-mount patch: not in upstream bazil.org/fuse.
+func (c *Conn) Passthrough() bool { return c.passthrough }
+
+// OpenBacking registers f as a backing file for passthrough opens and
+// returns its ID for OpenResponse.BackingID. The kernel keeps its own
+// reference to f: the caller may close f once it has the ID. It needs
+// CAP_SYS_ADMIN.
+//
+// stargz-mount patch: not in upstream bazil.org/fuse.
+func (c *Conn) OpenBacking(f *os.File) (int32, error) {
+	if !c.passthrough {
+		return 0, errors.New("fuse: passthrough not negotiated")
+	}
+	m := backingMap{Fd: int32(f.Fd())}
+	c.rio.RLock()
+	defer c.rio.RUnlock()
+	id, _, errno := syscall.Syscall(syscall.SYS_IOCTL, c.dev.Fd(), fuseDevIocBackingOpen, uintptr(unsafe.Pointer(&m)))
+	runtime.KeepAlive(f)
+	if errno != 0 {
+		return 0, fmt.Errorf("fuse: register backing file: %w", errno)
+	}
+	return int32(id), nil
+}
+
+// CloseBacking drops the backing file ID; opens already using it keep the
+// file until they are released.
+//
+// stargz-mount patch: not in upstream bazil.org/fuse.
+func (c *Conn) CloseBacking(id int32) error {
+	c.rio.RLock()
+	defer c.rio.RUnlock()
+	v := uint32(id)
+	_, _, errno := syscall.Syscall(syscall.SYS_IOCTL, c.dev.Fd(), fuseDevIocBackingClose, uintptr(unsafe.Pointer(&v)))
+	if errno != 0 {
+		return fmt.Errorf("fuse: drop backing file %d: %w", id, errno)
+	}
+	return nil
 }
 
 // MountpointDoesNotExistError is an error returned when the
@@ -218,7 +263,22 @@ func initMount(c *Conn, conf *mountConfig) error {
 		c.flags |= InitMaxPages
 		maxPages = conf.maxPages
 	}
+	var flags2, stackDepth uint32
+	if conf.passthrough && r.Flags&InitExt != 0 && r.Flags2&init2Passthrough != 0 && !r.Kernel.LT(Protocol{7, 40}) {
+		// Passthrough needs protocol 7.40 (the backing ID in the open
+		// reply). The kernel sends everything newer than
+		// protoVersionMaxMinor only when asked for by flags, and
+		// unknown opcodes are answered with ENOSYS.
+		proto = Protocol{7, 40}
+		c.proto = proto
+		c.flags |= InitExt
+		flags2 = init2Passthrough
+		stackDepth = 1
+		c.passthrough = true
+	}
 	s := &initResponse{
+		Flags2:              flags2,
+		MaxStackDepth:       stackDepth,
 		MaxPages:            maxPages,
 		Library:             proto,
 		MaxReadahead:        conf.maxReadahead,
@@ -960,12 +1020,17 @@ func (c *Conn) ReadRequest() (Request, error) {
 		if m.len() < unsafe.Sizeof(*in) {
 			goto corrupt
 		}
-		req = &initRequest{
+		ir := &initRequest{
 			Header:       m.Header(),
 			Kernel:       Protocol{in.Major, in.Minor},
 			MaxReadahead: in.MaxReadahead,
 			Flags:        InitFlags(in.Flags),
 		}
+		// Protocol 7.36 appends flags2 (and unused words) to init_in.
+		if m.len() >= unsafe.Sizeof(*in)+4 && ir.Flags&InitExt != 0 {
+			ir.Flags2 = *(*uint32)(unsafe.Add(unsafe.Pointer(in), unsafe.Sizeof(*in)))
+		}
+		req = ir
 
 	case opAccess:
 		in := (*accessIn)(m.data())
@@ -1408,6 +1473,9 @@ type initRequest struct {
 	// Maximum readahead in bytes that the kernel plans to use.
 	MaxReadahead uint32
 	Flags        InitFlags
+	// Flags2 is the second word of flags, with InitExt in Flags
+	// (stargz-mount patch).
+	Flags2 uint32
 }
 
 var _ Request = (*initRequest)(nil)
@@ -1443,6 +1511,10 @@ type initResponse struct {
 	MaxWrite uint32
 	// Maximum number of pages in one request, with InitMaxPages in Flags.
 	MaxPages uint16
+	// Second word of flags, with InitExt in Flags, and the stack depth
+	// of a passthrough mount (stargz-mount patch).
+	Flags2        uint32
+	MaxStackDepth uint32
 }
 
 func (r *initResponse) String() string {
@@ -1461,6 +1533,8 @@ func (r *initRequest) Respond(resp *initResponse) {
 	out.CongestionThreshold = resp.CongestionThreshold
 	out.MaxWrite = resp.MaxWrite
 	out.MaxPages = resp.MaxPages
+	out.Flags2 = resp.Flags2
+	out.MaxStackDepth = resp.MaxStackDepth
 
 	// MaxWrite larger than our receive buffer would just lead to
 	// errors on large writes.
@@ -1863,6 +1937,7 @@ func (r *OpenRequest) Respond(resp *OpenResponse) {
 	out := (*openOut)(buf.alloc(unsafe.Sizeof(openOut{})))
 	out.Fh = uint64(resp.Handle)
 	out.OpenFlags = uint32(resp.Flags)
+	out.BackingID = resp.BackingID
 	r.respond(buf)
 }
 
@@ -1870,6 +1945,10 @@ func (r *OpenRequest) Respond(resp *OpenResponse) {
 type OpenResponse struct {
 	Handle HandleID
 	Flags  OpenResponseFlags
+	// BackingID, with OpenPassthrough in Flags, names the backing file
+	// (from Conn.OpenBacking) the kernel reads instead of asking the
+	// daemon (stargz-mount patch).
+	BackingID int32
 }
 
 func (r *OpenResponse) string() string {

@@ -273,6 +273,7 @@ const (
 	OpenKeepCache   OpenResponseFlags = 1 << 1 // don't invalidate the data cache on open
 	OpenNonSeekable OpenResponseFlags = 1 << 2 // mark the file as non-seekable (not supported on FreeBSD)
 	OpenCacheDir    OpenResponseFlags = 1 << 3 // allow caching directory contents
+	OpenPassthrough OpenResponseFlags = 1 << 7 // the kernel reads the backing file (stargz-mount patch)
 )
 
 func (fl OpenResponseFlags) String() string {
@@ -284,6 +285,7 @@ var openResponseFlagNames = []flagName{
 	{uint32(OpenKeepCache), "OpenKeepCache"},
 	{uint32(OpenNonSeekable), "OpenNonSeekable"},
 	{uint32(OpenCacheDir), "OpenCacheDir"},
+	{uint32(OpenPassthrough), "OpenPassthrough"},
 }
 
 // The InitFlags are used in the Init exchange.
@@ -325,6 +327,9 @@ const (
 	// Filesystem promises to remove SUID/SGID/cap on writes and `chown`.
 	InitHandleKillPrivV2 InitFlags = 1 << 28
 	InitSetxattrExt      InitFlags = 1 << 29
+	// InitExt: the init messages carry a second word of flags
+	// (protocol 7.36; stargz-mount patch).
+	InitExt InitFlags = 1 << 30
 )
 
 type flagName struct {
@@ -579,7 +584,7 @@ type openIn struct {
 type openOut struct {
 	Fh        uint64
 	OpenFlags uint32
-	_         uint32
+	BackingID int32 // with OpenPassthrough (protocol 7.40)
 }
 
 type createIn struct {
@@ -807,6 +812,26 @@ type accessIn struct {
 	_    uint32
 }
 
+// Flags of the second word (flags2, with InitExt), counted from bit 32 of
+// the kernel's 64-bit flags (stargz-mount patch).
+const (
+	init2Passthrough = 1 << (37 - 32)
+)
+
+// fuseDevIocBackingOpen and fuseDevIocBackingClose are the ioctls of
+// /dev/fuse that register and drop passthrough backing files:
+// _IOW(229, 1, struct fuse_backing_map) and _IOW(229, 2, uint32_t).
+const (
+	fuseDevIocBackingOpen  = 0x4010e501
+	fuseDevIocBackingClose = 0x4004e502
+)
+
+type backingMap struct {
+	Fd    int32
+	Flags uint32
+	_     uint64
+}
+
 type initIn struct {
 	Major        uint32
 	Minor        uint32
@@ -834,7 +859,11 @@ type initOut struct {
 	// Set initOut.Flags.InitMaxPages when valid.
 	MaxPages     uint16
 	MapAlignment uint16
-	_            [8]uint32
+	// Protocol 7.36: more flags, with InitExt in Flags.
+	Flags2 uint32
+	// Protocol 7.40: stack depth of a mount with passthrough.
+	MaxStackDepth uint32
+	_             [6]uint32
 }
 
 type interruptIn struct {

@@ -17,6 +17,7 @@ type mountConfig struct {
 	maxBackground       uint16
 	congestionThreshold uint16
 	maxPages            uint16
+	passthrough         bool
 }
 
 func escapeComma(s string) string {
@@ -148,6 +149,21 @@ func MaxReadahead(n uint32) MountOption {
 func MaxPages(n uint16) MountOption {
 	return func(conf *mountConfig) error {
 		conf.maxPages = n
+		return nil
+	}
+}
+
+// Passthrough asks the kernel for FUSE passthrough (Linux 6.9 and later,
+// CONFIG_FUSE_PASSTHROUGH): an open may name a backing file, registered
+// with (*Conn).OpenBacking, whose reads the kernel then serves itself,
+// without the daemon. Whether the kernel agreed is (*Conn).Passthrough.
+// The mount's stack depth becomes 1, so the backing files must live on a
+// file system that is not itself stacked (not overlayfs or FUSE).
+//
+// stargz-mount patch: not in upstream bazil.org/fuse.
+func Passthrough() MountOption {
+	return func(conf *mountConfig) error {
+		conf.passthrough = true
 		return nil
 	}
 }
