@@ -180,6 +180,21 @@ func (c *Cache) getStore(key string) (b []byte, ok, looked bool) {
 	return b, b != nil, true
 }
 
+// peek returns the chunk under key from memory, the write queue or the
+// store, without keeping what the store has in memory.
+func (c *Cache) peek(key string) ([]byte, bool) {
+	if b, ok := c.getMemory(key); ok {
+		return b, true
+	}
+	if c.store == nil {
+		return nil, false
+	}
+	if b, ok := c.queuedBytes(storeKey(key)); ok {
+		return b, true
+	}
+	return c.store.Get(storeKey(key))
+}
+
 // has reports whether key is cached, without reading it from the store
 // when the store can tell (a Has(key) bool method).
 func (c *Cache) has(key string) bool {

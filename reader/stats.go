@@ -30,6 +30,9 @@ type Stats struct {
 	// Requests and Bytes count the data reads the layer made (on-demand,
 	// prefetch and background, not footer and TOC) and their sizes.
 	Requests, Bytes int64
+	// FilesSaved counts files SaveFile stored whole; SavedOpens counts
+	// the opens SavedFile served from such a copy.
+	FilesSaved, SavedOpens int64
 
 	// PrefetchBytes is the prioritized region's size, 0 without a landmark.
 	PrefetchBytes int64
@@ -64,6 +67,8 @@ type accounting struct {
 	memHits, memMisses   atomic.Int64
 	diskHits, diskMisses atomic.Int64
 	requests, bytes      atomic.Int64
+	filesSaved           atomic.Int64 // whole files stored by SaveFile
+	savedOpens           atomic.Int64 // opens served a saved file by SavedFile
 
 	prefetch   atomic.Value // string
 	background atomic.Value // string
@@ -190,6 +195,8 @@ func (l *Layer) Stats() Stats {
 		DiskMisses:    a.diskMisses.Load(),
 		Requests:      a.requests.Load(),
 		Bytes:         a.bytes.Load(),
+		FilesSaved:    a.filesSaved.Load(),
+		SavedOpens:    a.savedOpens.Load(),
 		PrefetchBytes: l.prefetch,
 		Prefetch:      "none",
 		Background:    "off",
