@@ -217,6 +217,8 @@ func (s *session) Snapshot() stats.Snapshot {
 			Retries:          bc.Retries,
 			Errors:           bc.Errors,
 			DataRequests:     ls.Requests,
+			FilesSaved:       ls.FilesSaved,
+			PassthroughOpens: ls.SavedOpens,
 			PrefetchBytes:    ls.PrefetchBytes,
 			Prefetch:         ls.Prefetch,
 			Background:       ls.Background,

@@ -139,6 +139,7 @@ func mountFlags() []cli.Flag {
 		&cli.BoolFlag{Name: "writable", Usage: "make the rootfs writable; changes live in the state dir and are discarded at unmount"},
 		&cli.StringFlag{Name: "upper", Usage: "writable rootfs keeping changes in `DIR` (with --work, same file system)"},
 		&cli.StringFlag{Name: "work", Usage: "overlay work `DIR` for --upper"},
+		&cli.BoolFlag{Name: "passthrough", Value: true, Usage: "serve files of 1 MiB or more that were read whole from a copy in the disk cache that the kernel reads itself (FUSE passthrough, Linux 6.9+, root only), so warm reads skip the daemon; the layer mounts then count as stacked file systems, so --passthrough=false if you stack another overlay on the rootfs"},
 		&cli.BoolFlag{Name: "share-layers", Value: true, Usage: "share each eStargz or zstd:chunked layer's FUSE mount with other mounts using the same --cache-dir (root only): the first mount serves it until the last user is gone; --share-layers=false mounts every layer privately"},
 	}
 }
@@ -404,6 +405,8 @@ func serve(c *cli.Context, ref, target string, ready func(error), mounted func(*
 		Ref:       img.Ref.Context().Digest(img.Digest.String()).String(),
 		Logger:    logger,
 		SharedDir: sharedDir,
+		// Saved copies live in the disk cache.
+		Passthrough: c.Bool("passthrough") && store != nil,
 	})
 	if err != nil {
 		return err

@@ -31,6 +31,7 @@ const cacheTimeout = 24 * time.Hour
 type LayerFS struct {
 	layer  *reader.Layer
 	logger *slog.Logger
+	pt     *passthrough // nil: every read goes through the daemon
 }
 
 // NewLayerFS returns the file system of l, logging failed reads to logger.
@@ -39,6 +40,14 @@ func NewLayerFS(l *reader.Layer, logger *slog.Logger) *LayerFS {
 		logger = slog.Default()
 	}
 	return &LayerFS{layer: l, logger: logger}
+}
+
+// Close waits for the file saving that passthrough started (see
+// passthrough.go). Call it once the file system is no longer served.
+func (f *LayerFS) Close() {
+	if f.pt != nil {
+		f.pt.close()
+	}
 }
 
 var (
@@ -156,9 +165,13 @@ func (n node) Open(ctx context.Context, req *fuse.OpenRequest, resp *fuse.OpenRe
 	if !req.Flags.IsReadOnly() {
 		return nil, syscall.EROFS
 	}
-	if !n.n.IsDir() {
-		resp.Flags |= fuse.OpenKeepCache
+	if n.n.IsDir() {
+		return n, nil
 	}
+	if pt := n.fs.pt; pt != nil && pt.wants(n.n) {
+		return pt.open(n, resp), nil
+	}
+	resp.Flags |= fuse.OpenKeepCache
 	return n, nil
 }
 

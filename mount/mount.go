@@ -44,13 +44,19 @@ type Options struct {
 	// process serves outlives its overlay until no other process uses it
 	// (see shared.go). Empty: every layer is mounted privately.
 	SharedDir string
+	// Passthrough lets the kernel read files saved whole in the disk
+	// cache directly (FUSE passthrough, Linux 6.9+, root only; see
+	// passthrough.go). It makes each layer mount a stacked file system:
+	// an overlay on the rootfs can then not be stacked once more.
+	Passthrough bool
 }
 
 // Mounted is a mounted stack: one FUSE mount per layer and an overlay.
 type Mounted struct {
-	Target string
-	dir    string // the per-mount state directory
-	logger *slog.Logger
+	Target      string
+	dir         string // the per-mount state directory
+	logger      *slog.Logger
+	passthrough bool // Options.Passthrough
 
 	mu       sync.Mutex // guards layers, shared, borrowed, overlay, closed, overlayProc and overlayExited
 	layers   []*layerMount
@@ -145,7 +151,7 @@ func MountLowers(ctx context.Context, layers []Lower, target string, o Options) 
 	if err != nil {
 		return nil, err
 	}
-	m := &Mounted{Target: target, dir: dir, logger: o.Logger, borrowed: map[*reader.Layer]int{}}
+	m := &Mounted{Target: target, dir: dir, logger: o.Logger, borrowed: map[*reader.Layer]int{}, passthrough: o.Passthrough}
 	defer func() {
 		if err != nil {
 			if cerr := m.Close(); cerr != nil {
@@ -208,7 +214,7 @@ func MountLowers(ctx context.Context, layers []Lower, target string, o Options) 
 				return nil, fmt.Errorf("mount shared layer %s: %w", l.name(), err)
 			}
 		}
-		lm, err := mountLayer(l.Layer, paths[i], o.Logger)
+		lm, err := mountLayer(l.Layer, paths[i], o.Logger, o.Passthrough)
 		if err != nil {
 			return nil, fmt.Errorf("mount layer %s: %w", l.name(), err)
 		}
@@ -311,7 +317,7 @@ func (m *Mounted) useShared(sharedDir, key string, l *reader.Layer) (*sharedLaye
 			return sl, nil
 		}
 	}
-	sl, err := acquireShared(sharedDir, key, l, m.logger)
+	sl, err := acquireShared(sharedDir, key, l, m.logger, m.passthrough)
 	if err != nil {
 		return nil, err
 	}
@@ -480,7 +486,7 @@ func serveShared(serving []*sharedLayer, logger *slog.Logger) error {
 	return errors.Join(errs...)
 }
 
-func mountLayer(l *reader.Layer, dir string, logger *slog.Logger) (*layerMount, error) {
+func mountLayer(l *reader.Layer, dir string, logger *slog.Logger, passthrough bool) (*layerMount, error) {
 	if err := os.Mkdir(dir, 0o755); err != nil {
 		return nil, err
 	}
@@ -495,13 +501,24 @@ func mountLayer(l *reader.Layer, dir string, logger *slog.Logger) (*layerMount, 
 	}
 	if os.Geteuid() == 0 {
 		opts = append(opts, fuse.AllowOther(), fuse.AllowDev(), fuse.AllowSUID())
+		if passthrough { // registering backing files needs CAP_SYS_ADMIN
+			opts = append(opts, fuse.Passthrough())
+		}
 	}
 	c, err := fuse.Mount(dir, opts...)
 	if err != nil {
 		return nil, fuseError(err)
 	}
+	fsys := NewLayerFS(l, logger)
+	if c.Passthrough() {
+		fsys.pt = newPassthrough(c, l, logger)
+	}
 	lm := &layerMount{dir: dir, conn: c, served: make(chan error, 1)}
-	go func() { lm.served <- fs.Serve(c, NewLayerFS(l, logger)) }()
+	go func() {
+		err := fs.Serve(c, fsys)
+		fsys.Close()
+		lm.served <- err
+	}()
 	return lm, nil
 }
 

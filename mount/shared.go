@@ -119,7 +119,7 @@ func wouldBlock(err error) bool { return errors.Is(err, unix.EWOULDBLOCK) }
 // key: it uses a live mount of it if there is one, and otherwise mounts
 // and serves l itself (removing a dead mount left by a killed server
 // first).
-func acquireShared(sharedDir, key string, l *reader.Layer, logger *slog.Logger) (_ *sharedLayer, err error) {
+func acquireShared(sharedDir, key string, l *reader.Layer, logger *slog.Logger, passthrough bool) (_ *sharedLayer, err error) {
 	s := &sharedLayer{name: l.Name(), dir: filepath.Join(sharedDir, key)}
 	setup, err := lockFile(s.dir, setupLock, unix.LOCK_EX)
 	if err != nil {
@@ -181,7 +181,7 @@ func acquireShared(sharedDir, key string, l *reader.Layer, logger *slog.Logger) 
 			}
 		}
 		os.Remove(mnt) // an empty mount point left behind
-		lm, err := mountLayer(l, mnt, logger)
+		lm, err := mountLayer(l, mnt, logger, passthrough)
 		if err != nil {
 			return nil, err
 		}

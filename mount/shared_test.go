@@ -102,7 +102,7 @@ func TestAcquireSharedFailureCleansUp(t *testing.T) {
 	if err := os.MkdirAll(filepath.Join(dir, sharedMnt, "junk"), 0o755); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := acquireShared(shared, "k", l, slog.Default()); err == nil {
+	if _, err := acquireShared(shared, "k", l, slog.Default(), false); err == nil {
 		t.Fatal("acquireShared succeeded")
 	}
 	for _, f := range []string{setupLock, usersLock, serveLock} {

@@ -52,6 +52,12 @@ type Layer struct {
 	// background), each one or more HTTP requests.
 	DataRequests int64 `json:"data_requests"`
 
+	// FilesSaved counts files saved whole in the disk cache for FUSE
+	// passthrough; PassthroughOpens counts the opens the kernel then
+	// served from such a copy, whose reads the daemon never sees.
+	FilesSaved       int64 `json:"files_saved"`
+	PassthroughOpens int64 `json:"passthrough_opens"`
+
 	PrefetchBytes int64  `json:"prefetch_bytes"`
 	Prefetch      string `json:"prefetch"`
 	Background    string `json:"background"`

@@ -26,6 +26,8 @@ var metrics = []metric{
 	{"stargz_mount_layer_transferred_bytes_total", "counter", "Body bytes received for the layer blob.", func(l Layer) float64 { return float64(l.TransferredBytes) }},
 	{"stargz_mount_layer_retries_total", "counter", "Retried HTTP requests for the layer blob.", func(l Layer) float64 { return float64(l.Retries) }},
 	{"stargz_mount_layer_errors_total", "counter", "Failed HTTP requests for the layer blob.", func(l Layer) float64 { return float64(l.Errors) }},
+	{"stargz_mount_layer_files_saved_total", "counter", "Files saved whole in the disk cache for FUSE passthrough.", func(l Layer) float64 { return float64(l.FilesSaved) }},
+	{"stargz_mount_layer_passthrough_opens_total", "counter", "Opens the kernel served from a saved file itself (FUSE passthrough).", func(l Layer) float64 { return float64(l.PassthroughOpens) }},
 	{"stargz_mount_layer_prefetch_bytes", "gauge", "Size of the layer's prioritized region.", func(l Layer) float64 { return float64(l.PrefetchBytes) }},
 	{"stargz_mount_layer_borrowed", "gauge", "1 when another process serves the layer (a shared layer mount); its reads are counted there.", func(l Layer) float64 { return b2f(l.Borrowed) }},
 }
