@@ -4,18 +4,39 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"hash"
 	"hash/crc32"
 	"io"
 	"io/fs"
 	"os"
+	"runtime"
+	"sync/atomic"
 	"time"
 
+	"golang.org/x/sync/errgroup"
 	"golang.org/x/sys/unix"
 )
 
-// fileXattr holds a file entry's CRC-32C and length (12 bytes, little
-// endian).
+// fileXattr labels a file entry with its length and the CRC-32C of each
+// of its blocks, so that OpenFile can check the blocks in parallel:
+// length (8 bytes), block size (4 bytes), then one CRC per block, all
+// little endian.
 const fileXattr = "user.stargz-mount.crc32c"
+
+// Blocks are at least minFileBlock bytes, and as many bigger as keep a
+// label within maxFileBlocks CRCs (2 KiB).
+const (
+	minFileBlock  = 8 << 20
+	maxFileBlocks = 512
+)
+
+func fileBlock(size int64) int64 {
+	b := int64(minFileBlock)
+	for (size+b-1)/b > maxFileBlocks {
+		b *= 2
+	}
+	return b
+}
 
 // PutFile stores a file entry of size bytes, written by fill, under key
 // unless an entry is there already, evicting the least recently used
@@ -48,21 +69,22 @@ func (s *Store) PutFile(key string, size int64, fill func(io.Writer) error) erro
 	return nil
 }
 
-// writeFile fills the reserved temp file f, labels it with its checksum
+// writeFile fills the reserved temp file f, labels it with its checksums
 // and links it into place at p.
 func (s *Store) writeFile(f *os.File, p string, size int64, fill func(io.Writer) error) error {
-	h := crc32.New(castagnoli)
-	cw := &countingWriter{w: io.MultiWriter(f, h)}
-	err := fill(cw)
-	if err == nil && cw.n != size {
-		err = fmt.Errorf("wrote %d bytes, want %d", cw.n, size)
+	bw := &blockWriter{w: f, block: fileBlock(size), h: crc32.New(castagnoli)}
+	err := fill(bw)
+	if err == nil && bw.n != size {
+		err = fmt.Errorf("wrote %d bytes, want %d", bw.n, size)
 	}
 	if err == nil {
-		var x [12]byte
-		binary.LittleEndian.PutUint32(x[0:4], h.Sum32())
-		binary.LittleEndian.PutUint64(x[4:12], uint64(size))
-		if xerr := unix.Fsetxattr(int(f.Fd()), fileXattr, x[:], 0); xerr != nil {
-			err = fmt.Errorf("label with checksum (does the cache dir's file system take user xattrs?): %w", xerr)
+		label := binary.LittleEndian.AppendUint64(nil, uint64(size))
+		label = binary.LittleEndian.AppendUint32(label, uint32(bw.block))
+		for _, c := range bw.sums() {
+			label = binary.LittleEndian.AppendUint32(label, c)
+		}
+		if xerr := unix.Fsetxattr(int(f.Fd()), fileXattr, label, 0); xerr != nil {
+			err = fmt.Errorf("label with checksums (does the cache dir's file system take user xattrs?): %w", xerr)
 		}
 	}
 	if cerr := f.Close(); err == nil {
@@ -74,21 +96,42 @@ func (s *Store) writeFile(f *os.File, p string, size int64, fill func(io.Writer)
 	return s.link(f.Name(), p)
 }
 
-type countingWriter struct {
-	w io.Writer
-	n int64
+// blockWriter writes to w and sums each block of what it writes.
+type blockWriter struct {
+	w     io.Writer
+	block int64
+	n     int64 // bytes written
+	h     hash.Hash32
+	done  []uint32 // CRCs of the full blocks so far
 }
 
-func (c *countingWriter) Write(p []byte) (int, error) {
-	n, err := c.w.Write(p)
-	c.n += int64(n)
+func (b *blockWriter) Write(p []byte) (int, error) {
+	n, err := b.w.Write(p)
+	for q := p[:n]; len(q) > 0; {
+		k := min(int64(len(q)), b.block-b.n%b.block)
+		b.h.Write(q[:k])
+		b.n += k
+		q = q[k:]
+		if b.n%b.block == 0 {
+			b.done = append(b.done, b.h.Sum32())
+			b.h.Reset()
+		}
+	}
 	return n, err
 }
 
+// sums returns the CRC of every block, the last one partial.
+func (b *blockWriter) sums() []uint32 {
+	if b.n%b.block != 0 {
+		return append(b.done, b.h.Sum32())
+	}
+	return b.done
+}
+
 // OpenFile opens the file entry under key, read-only, after checking its
-// length and CRC-32C, which reads it whole (and so brings it into the page
-// cache). A missing, unreadable or corrupt entry is a miss; a corrupt one
-// is removed.
+// length and the CRC-32C of each block, which reads it whole (and so
+// brings it into the page cache), blocks in parallel. A missing,
+// unreadable or corrupt entry is a miss; a corrupt one is removed.
 func (s *Store) OpenFile(key string) (*os.File, bool) {
 	p, err := s.path(key)
 	if err != nil {
@@ -104,28 +147,38 @@ func (s *Store) OpenFile(key string) (*os.File, bool) {
 			f.Close()
 		}
 	}()
-	var x [12]byte
 	fi, err := f.Stat()
 	if err != nil {
 		return nil, false
 	}
-	if n, err := unix.Fgetxattr(int(f.Fd()), fileXattr, x[:]); err != nil || n != len(x) {
+	label := make([]byte, 12+4*maxFileBlocks)
+	n, err := unix.Fgetxattr(int(f.Fd()), fileXattr, label)
+	if err != nil || n < 12 {
 		s.drop(p, key, "no checksum label")
 		return nil, false
 	}
-	want, size := binary.LittleEndian.Uint32(x[0:4]), int64(binary.LittleEndian.Uint64(x[4:12]))
+	size := int64(binary.LittleEndian.Uint64(label[0:8]))
+	block := int64(binary.LittleEndian.Uint32(label[8:12]))
+	var sums []uint32
+	for i := 12; i+4 <= n; i += 4 {
+		sums = append(sums, binary.LittleEndian.Uint32(label[i:]))
+	}
+	if size < 0 || block <= 0 || int64(len(sums)) != (size+block-1)/block {
+		s.drop(p, key, "bad checksum label")
+		return nil, false
+	}
 	if fi.Size() != size {
 		// Counted at the length it was written with.
 		s.logger.Warn("dropping corrupt cache entry", "key", key, "why", "wrong length")
 		s.removeCounted(p, diskCost(size))
 		return nil, false
 	}
-	sum, err := crcOf(f, size)
+	good, err := checkBlocks(f, size, block, sums)
 	if err != nil {
 		s.logger.Debug("cache read failed", "key", key, "err", err)
 		return nil, false
 	}
-	if sum != want {
+	if !good {
 		s.drop(p, key, "checksum mismatch")
 		return nil, false
 	}
@@ -137,48 +190,44 @@ func (s *Store) OpenFile(key string) (*os.File, bool) {
 	return f, true
 }
 
-// crcOf reads f's first size bytes and returns their CRC-32C. Reading and
-// summing overlap: one goroutine reads the next block while this one sums.
-func crcOf(f *os.File, size int64) (uint32, error) {
-	const block = 4 << 20
-	type part struct {
-		b   []byte
-		err error
-	}
-	parts := make(chan part, 2)
-	free := make(chan []byte, 3)
-	for range 3 {
-		free <- make([]byte, block)
-	}
-	stop := make(chan struct{})
-	defer close(stop)
-	go func() {
-		defer close(parts)
-		for off := int64(0); off < size; {
-			var b []byte
-			select {
-			case b = <-free:
-			case <-stop:
-				return
+// checkBlocks reads f's blocks, several at once, and reports whether each
+// matches its CRC.
+func checkBlocks(f *os.File, size, block int64, sums []uint32) (bool, error) {
+	const piece = 1 << 20 // read size
+	var (
+		next atomic.Int64 // the next block to check
+		bad  atomic.Bool
+		g    errgroup.Group
+	)
+	for range min(runtime.GOMAXPROCS(0), 4, len(sums)) {
+		g.Go(func() error {
+			buf := make([]byte, piece)
+			for {
+				i := next.Add(1) - 1
+				if i >= int64(len(sums)) || bad.Load() {
+					return nil
+				}
+				var sum uint32
+				end := min(size, (i+1)*block)
+				for off := i * block; off < end; {
+					n, err := f.ReadAt(buf[:min(piece, end-off)], off)
+					if n < int(min(piece, end-off)) {
+						if err == nil || err == io.EOF {
+							err = io.ErrUnexpectedEOF
+						}
+						return err
+					}
+					sum = crc32.Update(sum, castagnoli, buf[:n])
+					off += int64(n)
+				}
+				if sum != sums[i] {
+					bad.Store(true)
+				}
 			}
-			n, err := f.ReadAt(b[:min(block, size-off)], off)
-			if err == io.EOF && int64(n) == min(block, size-off) {
-				err = nil
-			}
-			parts <- part{b[:n], err}
-			if err != nil {
-				return
-			}
-			off += int64(n)
-		}
-	}()
-	var sum uint32
-	for p := range parts {
-		if p.err != nil {
-			return 0, p.err
-		}
-		sum = crc32.Update(sum, castagnoli, p.b)
-		free <- p.b[:cap(p.b)]
+		})
 	}
-	return sum, nil
+	if err := g.Wait(); err != nil {
+		return false, err
+	}
+	return !bad.Load(), nil
 }

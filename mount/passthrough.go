@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"bazil.org/fuse"
 	"bazil.org/fuse/fs"
@@ -35,6 +36,10 @@ const passthroughMin = 1 << 20
 // saveQueue bounds the files waiting to be saved; more are dropped.
 const saveQueue = 64
 
+// saveGrace is how long a save in progress may go on once the file system
+// is no longer served; then it is abandoned.
+const saveGrace = 5 * time.Second
+
 type passthrough struct {
 	conn   *fuse.Conn
 	layer  *reader.Layer
@@ -42,6 +47,8 @@ type passthrough struct {
 
 	disabled atomic.Bool // registering a backing file failed: the kernel or the cache dir cannot
 	closing  atomic.Bool // the file system is no longer served: save no more
+	ctx      context.Context
+	cancel   context.CancelFunc // abandons the save in progress
 
 	mu     sync.Mutex // guards files, closed and sends on saves
 	files  map[*reader.Node]*ptFile
@@ -64,6 +71,7 @@ type ptFile struct {
 func newPassthrough(c *fuse.Conn, l *reader.Layer, logger *slog.Logger) *passthrough {
 	p := &passthrough{conn: c, layer: l, logger: logger, files: map[*reader.Node]*ptFile{},
 		saves: make(chan *reader.Node, saveQueue)}
+	p.ctx, p.cancel = context.WithCancel(context.Background())
 	p.saved.Add(1)
 	go p.saver()
 	return p
@@ -178,10 +186,14 @@ func (p *passthrough) saver() {
 		if p.closing.Load() {
 			continue // drain what is left unsaved
 		}
-		err := p.layer.SaveFile(n)
+		err := p.layer.SaveFile(p.ctx, n)
 		switch {
 		case err == nil:
 			p.logger.Debug("saved a file for passthrough", "layer", p.layer.Name(), "path", n.Path())
+		case errors.Is(err, reader.ErrTooLarge):
+			p.logger.Debug("not saving a file for passthrough", "layer", p.layer.Name(), "path", n.Path(), "err", err)
+		case errors.Is(err, context.Canceled):
+			p.logger.Info("abandoned saving a file for passthrough at unmount", "layer", p.layer.Name(), "path", n.Path())
 		case errors.Is(err, reader.ErrNotCached):
 			// Evicted meanwhile: the next read of it whole queues
 			// it again.
@@ -195,8 +207,8 @@ func (p *passthrough) saver() {
 	}
 }
 
-// close lets the saver finish the file it is saving, drops the rest and
-// waits for it.
+// close gives the saver saveGrace to finish the file it is saving, drops
+// the rest and waits for it.
 func (p *passthrough) close() {
 	p.closing.Store(true)
 	p.mu.Lock()
@@ -205,7 +217,10 @@ func (p *passthrough) close() {
 		close(p.saves)
 	}
 	p.mu.Unlock()
+	t := time.AfterFunc(saveGrace, p.cancel)
 	p.saved.Wait()
+	t.Stop()
+	p.cancel()
 }
 
 // ptHandle is an open regular file whose opens passthrough tracks.

@@ -1,6 +1,7 @@
 package reader
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -29,7 +30,16 @@ type FileStore interface {
 	// OpenFile opens what PutFile stored under key, checked, or returns
 	// false.
 	OpenFile(key string) (*os.File, bool)
+	// Max is the store's bound in bytes.
+	Max() int64
 }
+
+// ErrTooLarge is returned by SaveFile for a file larger than a
+// maxSavedShare of the Store's bound: a saved copy is kept beside the
+// file's chunks, and one that large would evict too much of the cache.
+var ErrTooLarge = errors.New("file too large to save beside its chunks")
+
+const maxSavedShare = 8
 
 func (l *Layer) fileKey(n *Node) string {
 	return l.name + "/f" + strconv.FormatInt(n.chunks[0].blobOff, 10)
@@ -57,8 +67,8 @@ func (l *Layer) Cached(n *Node) bool {
 // SaveFile stores the regular file n whole in the Store, from its cached
 // chunks, unless it is stored already. It returns ErrNotCached, fetching
 // nothing, when a chunk is not cached, and ErrNoFileStore without a
-// FileStore.
-func (l *Layer) SaveFile(n *Node) error {
+// FileStore. Cancelling ctx abandons the copy.
+func (l *Layer) SaveFile(ctx context.Context, n *Node) error {
 	fs := l.fileStore()
 	if fs == nil {
 		return ErrNoFileStore
@@ -66,11 +76,17 @@ func (l *Layer) SaveFile(n *Node) error {
 	if !n.Mode.IsRegular() || len(n.chunks) == 0 {
 		return fmt.Errorf("save %s %s: not a regular file with data", l.name, n.Path())
 	}
+	if n.Size > fs.Max()/maxSavedShare {
+		return fmt.Errorf("save %s %s: %w (%d bytes, disk cache bound %d)", l.name, n.Path(), ErrTooLarge, n.Size, fs.Max())
+	}
 	if !l.Cached(n) {
 		return fmt.Errorf("save %s %s: %w", l.name, n.Path(), ErrNotCached)
 	}
 	err := fs.PutFile(l.fileKey(n), n.Size, func(w io.Writer) error {
 		for i := range n.chunks {
+			if err := ctx.Err(); err != nil {
+				return err
+			}
 			c := &n.chunks[i]
 			b, ok := l.cache.peek(l.key(c))
 			if !ok || int64(len(b)) != c.size {

@@ -44,7 +44,7 @@ func TestSaveFile(t *testing.T) {
 	c := NewCache(32<<20, WithStore(st))
 	l := open(t, blob, d, WithName(name), WithCache(c))
 	f := lookup(t, l, "d", "f")
-	if err := l.SaveFile(f); !errors.Is(err, ErrNotCached) {
+	if err := l.SaveFile(context.Background(), f); !errors.Is(err, ErrNotCached) {
 		t.Fatalf("SaveFile before any read: %v, want ErrNotCached", err)
 	}
 	if _, ok := l.SavedFile(f); ok {
@@ -55,10 +55,10 @@ func TestSaveFile(t *testing.T) {
 	if l.Cached(f) != true {
 		t.Fatal("Cached false after reading the whole file")
 	}
-	if err := l.SaveFile(f); err != nil {
+	if err := l.SaveFile(context.Background(), f); err != nil {
 		t.Fatal(err)
 	}
-	if err := l.SaveFile(lookup(t, l, "d")); err == nil {
+	if err := l.SaveFile(context.Background(), lookup(t, l, "d")); err == nil {
 		t.Error("SaveFile of a directory succeeded")
 	}
 	c.Close()
@@ -115,10 +115,29 @@ func TestSaveFileWithoutStore(t *testing.T) {
 	l := open(t, blob, d)
 	f := lookup(t, l, "f")
 	readAll(t, l, f)
-	if err := l.SaveFile(f); !errors.Is(err, ErrNoFileStore) {
+	if err := l.SaveFile(context.Background(), f); !errors.Is(err, ErrNoFileStore) {
 		t.Errorf("SaveFile without a store: %v, want ErrNoFileStore", err)
 	}
 	if _, ok := l.SavedFile(f); ok {
 		t.Error("SavedFile without a store succeeded")
+	}
+}
+
+// TestSaveFileTooLarge: a file over an eighth of the disk bound is not
+// saved beside its chunks.
+func TestSaveFileTooLarge(t *testing.T) {
+	blob, d := build(t, 64<<10, lt.File("f", lt.Random("big", 300_000)))
+	st, err := lru.Open(t.TempDir(), 2<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	c := NewCache(8<<20, WithStore(st))
+	defer c.Close()
+	l := open(t, blob, d, WithName("sha256:3333"), WithCache(c))
+	f := lookup(t, l, "f")
+	readAll(t, l, f)
+	if err := l.SaveFile(context.Background(), f); !errors.Is(err, ErrTooLarge) {
+		t.Errorf("SaveFile of 300 kB with a 2 MiB bound: %v, want ErrTooLarge", err)
 	}
 }
