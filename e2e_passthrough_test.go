@@ -4,7 +4,9 @@ import (
 	"bytes"
 	"io"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"sort"
 	"strconv"
 	"strings"
 	"syscall"
@@ -99,14 +101,19 @@ func readStopped(t *testing.T, cmd interface{ Signal(os.Signal) error }, path st
 // TestPassthrough: a file read whole is saved in the disk cache; later
 // opens, in this server and after a restart, hand the copy to the kernel,
 // which reads it without the server (stopped meanwhile), through the
-// overlay; a spoilt copy is dropped and the file is served and saved
+// overlay, also to execute a program (mmap); a spoilt copy is dropped and the file is served and saved
 // again; --passthrough=false reads through the server.
 func TestPassthrough(t *testing.T) {
 	needFUSE(t)
 	needPassthrough(t)
 	host := lt.InProcessRegistry(t)
 	big := lt.Random("passthrough", 6<<20+777)
-	img, err := lt.BuildImage(1<<20, []lt.Entry{lt.Dir("d"), lt.File("d/big", big), lt.FileString("small", "hi\n")})
+	exe, err := os.ReadFile(binary) // a static program of some MiB
+	if err != nil {
+		t.Fatal(err)
+	}
+	img, err := lt.BuildImage(1<<20, []lt.Entry{lt.Dir("d"), lt.File("d/big", big),
+		lt.File("d/exe", exe, lt.Mode(0o755)), lt.FileString("small", "hi\n")})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -117,7 +124,8 @@ func TestPassthrough(t *testing.T) {
 
 	cmd := e.startServer(ref, "--background-fetch=false")
 	e.read("d/big", big) // through the server; its last close saves it
-	e.waitSaved(1)
+	e.read("d/exe", exe)
+	e.waitSaved(2)
 	if n := e.passthroughOpens(); n != 0 {
 		t.Fatalf("%d passthrough opens before the copy was saved", n)
 	}
@@ -139,8 +147,15 @@ func TestPassthrough(t *testing.T) {
 		}
 		e.read("d/big", big)
 		f1.Close()
-		if n := e.passthroughOpens(); n != 2 {
-			t.Errorf("%d passthrough opens, want 2 (the third shares the second's)", n)
+		if n := e.passthroughOpens(); n != 3 {
+			t.Errorf("%d passthrough opens, want 3", n)
+		}
+		out, err := exec.Command(filepath.Join(e.target, "d", "exe"), "--help").CombinedOutput()
+		if err != nil || !strings.Contains(string(out), "stargz-mount") {
+			t.Errorf("running a program from its saved copy: %v: %s", err, out)
+		}
+		if n := e.passthroughOpens(); n != 4 {
+			t.Errorf("%d passthrough opens after running the program, want 4", n)
 		}
 		e.umount()
 		cmd.Wait()
@@ -149,10 +164,11 @@ func TestPassthrough(t *testing.T) {
 	t.Run("spoilt copy", func(t *testing.T) {
 		e.t = t
 		saved := savedFiles(t, e.cache)
-		if len(saved) != 1 {
-			t.Fatalf("%d saved files in the cache, want 1: %q", len(saved), saved)
+		if len(saved) != 2 {
+			t.Fatalf("%d saved files in the cache, want 2: %q", len(saved), saved)
 		}
-		b, err := os.ReadFile(saved[0])
+		sort.Slice(saved, func(i, j int) bool { return fileSize(saved[i]) == int64(len(big)) })
+		b, err := os.ReadFile(saved[0]) // the big file's
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -165,7 +181,7 @@ func TestPassthrough(t *testing.T) {
 		if n := e.passthroughOpens(); n != 0 {
 			t.Errorf("%d passthrough opens of a spoilt copy", n)
 		}
-		e.waitSaved(1) // and it is saved again
+		e.waitSaved(1) // and it is saved again; exe never left
 		e.read("d/big", big)
 		if n := e.passthroughOpens(); n != 1 {
 			t.Errorf("%d passthrough opens after saving again, want 1", n)
@@ -191,6 +207,14 @@ func TestPassthrough(t *testing.T) {
 		e.umount()
 		e.assertClean()
 	})
+}
+
+func fileSize(p string) int64 {
+	fi, err := os.Stat(p)
+	if err != nil {
+		return -1
+	}
+	return fi.Size()
 }
 
 // savedFiles lists the whole files saved in the disk cache.

@@ -106,6 +106,7 @@ func (p *passthrough) open(n node, resp *fuse.OpenResponse) fs.Handle {
 	}
 	if f.pass > 0 || (f.daemon == 0 && f.backing > 0) {
 		f.pass++
+		p.layer.CountSavedOpen()
 		resp.Flags |= fuse.OpenPassthrough
 		resp.BackingID = f.backing
 		return &ptHandle{node: n, p: p, f: f, pass: true}

@@ -72,6 +72,7 @@ func TestSaveFile(t *testing.T) {
 	}
 	f2 := lookup(t, l2, "d", "f")
 	got, ok := readSaved(t, l2, f2)
+	l2.CountSavedOpen()
 	if !ok || !bytes.Equal(got, data) {
 		t.Fatalf("saved copy: ok %v, right bytes %v", ok, bytes.Equal(got, data))
 	}
