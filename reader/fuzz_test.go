@@ -144,3 +144,32 @@ func FuzzDecode(f *testing.F) {
 		}
 	})
 }
+
+// FuzzParseTOC checks the entry-by-entry TOC decoder against
+// encoding/json decoding the whole: whatever parseTOC accepts, the whole
+// decode reads the same way.
+func FuzzParseTOC(f *testing.F) {
+	f.Add([]byte(`{"version":1,"entries":[{"name":"a","type":"reg","size":5,"offset":1,"chunkSize":5}]}`))
+	f.Add([]byte(`{"entries":null,"version":1,"x":[1,{"y":2}]}`))
+	f.Add([]byte(`{"version":1,"entries":[{"name":"f","type":"chunk","size":1,"chunkSize":-1}]}`))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		toc, err := parseTOC(b)
+		if err != nil {
+			return
+		}
+		var whole estargz.JTOC
+		if err := json.Unmarshal(b, &whole); err != nil {
+			// The decoder stops at the end of the object; trailing
+			// bytes are the only thing it may leave unread.
+			return
+		}
+		if whole.Version != toc.Version || len(whole.Entries) != len(toc.Entries) {
+			t.Fatalf("parseTOC read version %d, %d entries; encoding/json %d, %d", toc.Version, len(toc.Entries), whole.Version, len(whole.Entries))
+		}
+		for i, e := range toc.Entries {
+			if w := whole.Entries[i]; w != nil && (e.Name != w.Name || e.Size != w.Size || e.Type != w.Type) {
+				t.Fatalf("entry %d: %+v, encoding/json: %+v", i, e, w)
+			}
+		}
+	})
+}

@@ -20,6 +20,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"strings"
 	"sync/atomic"
 
 	"github.com/containerd/stargz-snapshotter/estargz"
@@ -180,24 +181,29 @@ func openTail(ctx context.Context, b Blob, o *options, tb *tailBlob) (*Layer, []
 	if err := tb.extend(ctx, tocOffset); err != nil {
 		return nil, nil, fmt.Errorf("open %s: read TOC: %w", o.name, err)
 	}
-	if err := checkTOC(tb.tail[tocOffset-tb.off:]); err != nil {
+	tocJSON, err := readTOCJSON(tb.tail[tocOffset-tb.off:])
+	if err != nil {
 		return nil, nil, fmt.Errorf("open %s: %w", o.name, err)
 	}
-	er, err := openTOC(sr, tocOffset)
+	// The digest first: a TOC the manifest vouches for is parsed, no other.
+	tocDigest := digest.FromBytes(tocJSON)
+	if o.tocDigest != "" && tocDigest != o.tocDigest {
+		return nil, nil, fmt.Errorf("open %s: TOC digest %s does not match the manifest's %s: refusing a tampered layer", o.name, tocDigest, o.tocDigest)
+	}
+	toc, err := parseTOC(tocJSON)
+	if err != nil {
+		return nil, nil, fmt.Errorf("open %s: %w", o.name, err)
+	}
+	er, err := openParsedTOC(size, &parsedTOC{toc: toc, digest: tocDigest})
 	if err != nil {
 		return nil, nil, fmt.Errorf("open %s: parse TOC: %w", o.name, err)
-	}
-	if o.tocDigest != "" {
-		if got := er.TOCDigest(); got != o.tocDigest {
-			return nil, nil, fmt.Errorf("open %s: TOC digest %s does not match the manifest's %s: refusing a tampered layer", o.name, got, o.tocDigest)
-		}
 	}
 	l := &Layer{
 		name:      o.name,
 		blob:      b,
 		cache:     o.cache,
 		logger:    o.logger,
-		tocDigest: er.TOCDigest(),
+		tocDigest: tocDigest,
 		tocOffset: tocOffset,
 		demand:    o.demand,
 	}
@@ -285,81 +291,129 @@ func readFull(ctx context.Context, b Blob, p []byte, off int64) error {
 	return err
 }
 
-// checkTOC reads the TOC region (a gzip stream holding a tar with the TOC
-// JSON, then the footer) with bounds, and checks the sizes the estargz
-// library trusts when it allocates: it sizes a file's chunk list by
-// size/chunkSize, so one entry could otherwise ask for terabytes.
-func checkTOC(region []byte) error {
+// readTOCJSON reads the TOC JSON from the TOC region (a gzip stream
+// holding a tar with the TOC JSON, then the footer), reading no more than
+// MaxTOCJSONBytes of it.
+func readTOCJSON(region []byte) ([]byte, error) {
 	zr, err := gzip.NewReader(bytes.NewReader(region))
 	if err != nil {
-		return fmt.Errorf("TOC is not gzip: %w", err)
+		return nil, fmt.Errorf("TOC is not gzip: %w", err)
 	}
 	defer zr.Close()
 	lr := &io.LimitedReader{R: zr, N: MaxTOCJSONBytes + 1}
+	tooBig := fmt.Errorf("TOC decompresses to more than the limit of %d bytes", MaxTOCJSONBytes)
 	tr := tar.NewReader(lr)
 	for {
 		h, err := tr.Next()
 		if err != nil {
 			if lr.N <= 0 {
-				return fmt.Errorf("TOC decompresses to more than the limit of %d bytes", MaxTOCJSONBytes)
+				return nil, tooBig
 			}
-			return fmt.Errorf("TOC has no %s: %v", estargz.TOCTarName, err)
+			return nil, fmt.Errorf("TOC has no %s: %v", estargz.TOCTarName, err)
 		}
-		if h.Name == estargz.TOCTarName {
-			break
-		}
-	}
-	if err := checkTOCJSON(tr); err != nil {
-		if lr.N <= 0 {
-			return fmt.Errorf("TOC decompresses to more than the limit of %d bytes", MaxTOCJSONBytes)
-		}
-		return err
-	}
-	return nil
-}
-
-// checkTOCJSON checks the TOC JSON read from r for sizes the estargz
-// library trusts when it allocates.
-func checkTOCJSON(r io.Reader) error {
-	var toc struct {
-		Entries []struct {
-			Type      string `json:"type"`
-			Size      int64  `json:"size"`
-			ChunkSize int64  `json:"chunkSize"`
-		} `json:"entries"`
-	}
-	if err := json.NewDecoder(r).Decode(&toc); err != nil {
-		return fmt.Errorf("TOC JSON: %w", err)
-	}
-	if len(toc.Entries) > MaxEntries {
-		return fmt.Errorf("TOC has %d entries, more than the limit of %d", len(toc.Entries), MaxEntries)
-	}
-	for i, e := range toc.Entries {
-		if e.Type != "reg" && e.Type != "chunk" {
+		if h.Name != estargz.TOCTarName {
 			continue
 		}
-		if e.Size < 0 || e.ChunkSize < 0 {
-			return fmt.Errorf("TOC entry %d: negative size", i)
+		if h.Size > MaxTOCJSONBytes {
+			return nil, tooBig
 		}
-		if e.ChunkSize > 0 && e.Size/e.ChunkSize > MaxEntries {
-			return fmt.Errorf("TOC entry %d: %d bytes in chunks of %d is more than %d chunks", i, e.Size, e.ChunkSize, MaxEntries)
+		b := make([]byte, h.Size)
+		if _, err := io.ReadFull(tr, b); err != nil {
+			if lr.N <= 0 {
+				return nil, tooBig
+			}
+			return nil, fmt.Errorf("read %s: %v", estargz.TOCTarName, err)
 		}
+		return b, nil
+	}
+}
+
+// parseTOC decodes TOC JSON into the estargz library's form, one entry at
+// a time, checking the limits the library trusts when it allocates as it
+// goes: at most MaxEntries entries, and no file whose chunk list (sized by
+// size/chunkSize) would exceed it.
+func parseTOC(b []byte) (*estargz.JTOC, error) {
+	dec := json.NewDecoder(bytes.NewReader(b))
+	bad := func(err error) error { return fmt.Errorf("TOC JSON: %w", err) }
+	if err := expectDelim(dec, '{'); err != nil {
+		return nil, bad(err)
+	}
+	toc := new(estargz.JTOC)
+	for dec.More() {
+		t, err := dec.Token()
+		if err != nil {
+			return nil, bad(err)
+		}
+		// As encoding/json (the estargz library's decoder) reads it:
+		// keys match without case, and a repeated key's last value wins.
+		key, _ := t.(string)
+		switch {
+		case strings.EqualFold(key, "version"):
+			err = dec.Decode(&toc.Version)
+		case strings.EqualFold(key, "entries"):
+			toc.Entries = nil
+			err = parseEntries(dec, toc)
+		default:
+			var skip json.RawMessage
+			err = dec.Decode(&skip)
+		}
+		if err != nil {
+			return nil, bad(err)
+		}
+	}
+	if err := expectDelim(dec, '}'); err != nil {
+		return nil, bad(err)
+	}
+	return toc, nil
+}
+
+func parseEntries(dec *json.Decoder, toc *estargz.JTOC) error {
+	if t, err := dec.Token(); err != nil || t == nil {
+		return err // null: no entries
+	} else if t != json.Delim('[') {
+		return fmt.Errorf("entries: want an array, got %v", t)
+	}
+	for dec.More() {
+		if len(toc.Entries) == MaxEntries {
+			return fmt.Errorf("TOC has more than the limit of %d entries", MaxEntries)
+		}
+		e := new(estargz.TOCEntry)
+		if err := dec.Decode(e); err != nil {
+			return err
+		}
+		if e.Type == "reg" || e.Type == "chunk" {
+			i := len(toc.Entries)
+			if e.Size < 0 || e.ChunkSize < 0 {
+				return fmt.Errorf("entry %d: negative size", i)
+			}
+			if e.ChunkSize > 0 && e.Size/e.ChunkSize > MaxEntries {
+				return fmt.Errorf("entry %d: %d bytes in chunks of %d is more than %d chunks", i, e.Size, e.ChunkSize, MaxEntries)
+			}
+		}
+		toc.Entries = append(toc.Entries, e)
+	}
+	_, err := dec.Token() // ]
+	return err
+}
+
+func expectDelim(dec *json.Decoder, d json.Delim) error {
+	t, err := dec.Token()
+	if err != nil {
+		return err
+	}
+	if t != d {
+		return fmt.Errorf("want %v, got %v", d, t)
 	}
 	return nil
 }
 
-// openFooter and openTOC call the estargz library, turning its panics on
-// malformed input (found by FuzzOpen: a slice out of range in ParseFooter)
-// into errors.
+// openFooter calls the estargz library, turning its panics on malformed
+// input (found by FuzzOpen: a slice out of range in ParseFooter) into
+// errors.
 func openFooter(sr *io.SectionReader) (off int64, err error) {
 	defer recoverInto(&err)
 	off, _, err = estargz.OpenFooter(sr)
 	return off, err
-}
-
-func openTOC(sr *io.SectionReader, tocOffset int64) (r *estargz.Reader, err error) {
-	defer recoverInto(&err)
-	return estargz.Open(sr, estargz.WithTOCOffset(tocOffset))
 }
 
 func recoverInto(err *error) {

@@ -3,7 +3,6 @@ package reader
 import (
 	"bytes"
 	"context"
-	"encoding/json"
 	"fmt"
 	"io"
 	"log/slog"
@@ -97,12 +96,9 @@ func OpenZstdChunked(ctx context.Context, b Blob, checksum digest.Digest, positi
 	if err != nil {
 		return fail("%v", err)
 	}
-	if err := checkTOCJSON(bytes.NewReader(tocJSON)); err != nil {
+	toc, err := parseTOC(tocJSON)
+	if err != nil {
 		return fail("%v", err)
-	}
-	toc := new(estargz.JTOC)
-	if err := json.Unmarshal(tocJSON, toc); err != nil {
-		return fail("TOC JSON: %v", err)
 	}
 	tocDigest := digest.FromBytes(tocJSON)
 	er, err := openParsedTOC(size, &parsedTOC{toc: toc, digest: tocDigest})
