@@ -1,6 +1,7 @@
 package lru
 
 import (
+	"bytes"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -29,6 +30,50 @@ const (
 	minFileBlock  = 8 << 20
 	maxFileBlocks = 512
 )
+
+// verifiedXattr stamps a file entry as checked during this boot, while it
+// had its current modification time: the boot ID (36 bytes) and the
+// mtime in nanoseconds (8 bytes, little endian). OpenFile skips reading a
+// stamped entry whole. Checking is for what corrupts a file unseen: a
+// crash before the data reached the disk (a new boot) or a write by
+// something else (a new mtime). Within one boot, after a check, the data
+// is what the page cache and the disk hold, as for any local file.
+const verifiedXattr = "user.stargz-mount.verified"
+
+func bootID() string {
+	b, err := os.ReadFile("/proc/sys/kernel/random/boot_id")
+	if err != nil || len(bytes.TrimSpace(b)) != 36 {
+		return ""
+	}
+	return string(bytes.TrimSpace(b))
+}
+
+// stamp marks f as checked, with its modification time now.
+func (s *Store) stamp(f *os.File) {
+	if s.boot == "" {
+		return
+	}
+	fi, err := f.Stat()
+	if err != nil {
+		return
+	}
+	v := binary.LittleEndian.AppendUint64([]byte(s.boot), uint64(fi.ModTime().UnixNano()))
+	if err := unix.Fsetxattr(int(f.Fd()), verifiedXattr, v, 0); err != nil {
+		s.logger.Debug("stamping a checked cache file", "file", f.Name(), "err", err)
+	}
+}
+
+// stamped reports whether f carries a stamp of this boot for its
+// modification time.
+func (s *Store) stamped(f *os.File, fi os.FileInfo) bool {
+	if s.boot == "" {
+		return false
+	}
+	var v [36 + 8]byte
+	n, err := unix.Fgetxattr(int(f.Fd()), verifiedXattr, v[:])
+	return err == nil && n == len(v) && string(v[:36]) == s.boot &&
+		int64(binary.LittleEndian.Uint64(v[36:])) == fi.ModTime().UnixNano()
+}
 
 func fileBlock(size int64) int64 {
 	b := int64(minFileBlock)
@@ -85,6 +130,8 @@ func (s *Store) writeFile(f *os.File, p string, size int64, fill func(io.Writer)
 		}
 		if xerr := unix.Fsetxattr(int(f.Fd()), fileXattr, label, 0); xerr != nil {
 			err = fmt.Errorf("label with checksums (does the cache dir's file system take user xattrs?): %w", xerr)
+		} else {
+			s.stamp(f) // written from checked data
 		}
 	}
 	if cerr := f.Close(); err == nil {
@@ -129,9 +176,10 @@ func (b *blockWriter) sums() []uint32 {
 }
 
 // OpenFile opens the file entry under key, read-only, after checking its
-// length and the CRC-32C of each block, which reads it whole (and so
-// brings it into the page cache), blocks in parallel. A missing,
-// unreadable or corrupt entry is a miss; a corrupt one is removed.
+// length and, unless it was checked during this boot and not modified
+// since (verifiedXattr), the CRC-32C of each block, which reads it whole,
+// blocks in parallel. A missing, unreadable or corrupt entry is a miss; a
+// corrupt one is removed.
 func (s *Store) OpenFile(key string) (*os.File, bool) {
 	p, err := s.path(key)
 	if err != nil {
@@ -173,18 +221,25 @@ func (s *Store) OpenFile(key string) (*os.File, bool) {
 		s.removeCounted(p, diskCost(size))
 		return nil, false
 	}
-	good, err := checkBlocks(f, size, block, sums)
-	if err != nil {
-		s.logger.Debug("cache read failed", "key", key, "err", err)
-		return nil, false
-	}
-	if !good {
-		s.drop(p, key, "checksum mismatch")
-		return nil, false
+	checked := s.stamped(f, fi)
+	if !checked {
+		good, err := checkBlocks(f, size, block, sums)
+		if err != nil {
+			s.logger.Debug("cache read failed", "key", key, "err", err)
+			return nil, false
+		}
+		if !good {
+			s.drop(p, key, "checksum mismatch")
+			return nil, false
+		}
 	}
 	if time.Since(fi.ModTime()) > touchAfter {
 		now := time.Now()
 		os.Chtimes(p, now, now)
+		checked = false // its stamp names the old mtime
+	}
+	if !checked {
+		s.stamp(f)
 	}
 	ok = true
 	return f, true

@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -173,3 +174,51 @@ func TestFileEntriesEvicted(t *testing.T) {
 }
 
 func removexattr(p, name string) error { return unix.Removexattr(p, name) }
+
+// TestFileEntryCheckedOncePerBoot: an entry is read whole to be checked
+// the first time it is opened after a boot, or after its mtime changed;
+// in between, a change that keeps the mtime (what only a deliberate writer
+// does) goes unseen, and the next boot catches it.
+func TestFileEntryCheckedOncePerBoot(t *testing.T) {
+	dir := t.TempDir()
+	s := open(t, dir, 64<<20)
+	if s.boot == "" {
+		t.Skip("no boot ID in /proc")
+	}
+	want := data(4, 9<<20)
+	if err := s.PutFile("g/f", int64(len(want)), writeAll(want)); err != nil {
+		t.Fatal(err)
+	}
+	p := filepath.Join(dir, "g", "f")
+	spoil := func(keepMtime bool) {
+		fi, _ := os.Stat(p)
+		f, err := os.OpenFile(p, os.O_RDWR, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		f.WriteAt([]byte{^want[100]}, 100)
+		f.Close()
+		if keepMtime {
+			os.Chtimes(p, fi.ModTime(), fi.ModTime())
+		}
+	}
+	spoil(true)
+	if _, ok := readFileEntry(t, s, "g/f"); !ok {
+		t.Fatal("a stamped entry was read whole and refused within the boot")
+	}
+	s.boot = "00000000-0000-0000-0000-000000000000" // a new boot
+	if _, ok := readFileEntry(t, s, "g/f"); ok {
+		t.Fatal("after a new boot, a spoilt entry was opened")
+	}
+
+	// A write that changes the mtime is caught within the boot.
+	s.boot = bootID()
+	if err := s.PutFile("g/f", int64(len(want)), writeAll(want)); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(10 * time.Millisecond)
+	spoil(false)
+	if _, ok := readFileEntry(t, s, "g/f"); ok {
+		t.Fatal("an entry written after its stamp was opened unchecked")
+	}
+}

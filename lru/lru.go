@@ -20,8 +20,11 @@
 // oldest modification time; Get touches the entries it reads.
 //
 // File entries (PutFile, OpenFile) hold the data alone, so that the kernel
-// can read them directly (FUSE passthrough); their CRC-32C and length are
-// in the xattr user.stargz-mount.crc32c, checked by OpenFile.
+// can read them directly (FUSE passthrough); their length and a CRC-32C of
+// each block are in the xattr user.stargz-mount.crc32c. OpenFile checks
+// them all the first time it opens an entry after a boot or after the
+// entry's modification time changed, and trusts the page cache and the
+// disk in between (see file.go).
 //
 // Hold marks a group as needed by a live user (a shared flock on
 // DIR/.locks/GROUP); Prune and RemoveGroup leave held groups alone. Normal
@@ -85,6 +88,8 @@ type Store struct {
 
 	mu    sync.Mutex // guards the count file between goroutines (flock is per file, not per goroutine)
 	usage *os.File   // DIR/.usage, flocked for every update
+
+	boot string // this boot's ID (file.go); empty if unknown
 }
 
 // Group describes one group of entries.
@@ -98,7 +103,7 @@ type Group struct {
 
 // Open opens (creating if needed) the store in dir, bounded to max bytes.
 func Open(dir string, max int64, opts ...Option) (*Store, error) {
-	s := &Store{dir: dir, max: max, logger: slog.Default()}
+	s := &Store{dir: dir, max: max, logger: slog.Default(), boot: bootID()}
 	for _, o := range opts {
 		o(s)
 	}
