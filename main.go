@@ -360,6 +360,10 @@ func serve(c *cli.Context, ref, target string, ready func(error), mounted func(*
 		prog:       prog,
 		extra:      []reader.Option{reader.WithDemand(reader.NewDemand()), reader.WithOpaqueXattr(mount.OpaqueXattr())},
 	}
+	if c.Bool("prefetch") {
+		// The prioritized region is requested while the TOC is parsed.
+		opener.extra = append(opener.extra, reader.WithEarlyPrefetch())
+	}
 	lowers, err := opener.open(ctx)
 	defer opener.release()
 	if err != nil {

@@ -35,6 +35,9 @@ func (l *Layer) Prefetch(ctx context.Context) error {
 		todo = append(todo, i)
 	}
 	if len(todo) == 0 {
+		if r := l.takeEarly(); r != nil {
+			r.cancel()
+		}
 		l.acct.prefetch.Store("done")
 		return nil
 	}
@@ -44,8 +47,26 @@ func (l *Layer) Prefetch(ctx context.Context) error {
 	calls := l.claim(units, todo)
 	// Chunks are decoded, on every core, as their bytes arrive: the mount
 	// waits for the prefetch, and decoding is most of its CPU time.
-	comp := make([]byte, end-start)
-	fill, closeFill, err := l.filler(ctx, comp, start)
+	var (
+		comp      []byte
+		fill      func(int64) error
+		closeFill func()
+		err       error
+	)
+	if r := l.takeEarly(); r != nil && r.off <= start && end <= r.off+int64(len(r.buf)) {
+		// Requested while the TOC was parsed (early.go).
+		comp = r.buf[start-r.off : end-r.off]
+		fill = func(n int64) error { return r.fill(start - r.off + n) }
+		closeFill = r.cancel
+		stop := context.AfterFunc(ctx, r.cancel)
+		defer stop()
+	} else {
+		if r != nil {
+			r.cancel()
+		}
+		comp = make([]byte, end-start)
+		fill, closeFill, err = l.filler(ctx, comp, start)
+	}
 	fail := func(err error) error {
 		return fmt.Errorf("prefetch %s: blob bytes %d-%d: %w", l.name, start, end-1, err)
 	}

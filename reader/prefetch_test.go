@@ -351,3 +351,65 @@ func TestReadDuringPrefetch(t *testing.T) {
 		t.Errorf("%d requests, want the prefetch's one", r)
 	}
 }
+
+// TestEarlyPrefetch: with WithEarlyPrefetch the prioritized region is
+// requested before Open returns (the request is held open here until
+// then), and Prefetch uses it: one request in all, the files right.
+func TestEarlyPrefetch(t *testing.T) {
+	prio := []string{"p0", "p1", "p2", "p3", "p4", "p5", "p6", "p7", "p8", "p9"}
+	blob, d, files := prioritized(t, prio)
+	sb := &stallBlob{memBlob: blob, started: make(chan struct{}, 1), release: make(chan struct{})}
+	l, err := Open(context.Background(), sb, WithTOCDigest(d), WithTailSize(64<<10), WithEarlyPrefetch())
+	if err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-sb.started:
+	case <-time.After(5 * time.Second):
+		t.Fatal("no request for the prioritized region during Open")
+	}
+	reads := blob.reads.Load()
+	close(sb.release)
+	if err := l.Prefetch(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if got := blob.reads.Load(); got != reads+1 {
+		t.Errorf("Open and Prefetch made %d region requests, want 1", got-reads)
+	}
+	if s := l.Stats(); s.Requests != 1 || s.Prefetch != "done" || s.FetchedBytes <= 0 {
+		t.Errorf("stats after an early prefetch: %+v", s)
+	}
+	blob.reads.Store(0)
+	for _, p := range prio {
+		if got := readAll(t, l, lookup(t, l, p)); !bytes.Equal(got, files[p]) {
+			t.Fatalf("%s differs", p)
+		}
+	}
+	if got := blob.reads.Load(); got != 0 {
+		t.Errorf("reading prioritized files made %d requests, want 0", got)
+	}
+}
+
+func TestLandmarkOffset(t *testing.T) {
+	tests := []struct {
+		name string
+		toc  string
+		want int64
+	}{
+		{"landmark", `{"version":1,"entries":[{"name":"a","type":"reg","offset":5},{"name":".prefetch.landmark","type":"reg","size":1,"offset":1234}]}`, 1234},
+		{"indented, dot-slash", "{\n\t\"entries\": [\n\t\t{\n\t\t\t\"name\": \"./.prefetch.landmark\",\n\t\t\t\"offset\": 77\n\t\t}\n\t]\n}", 77},
+		{"no prefetch landmark", `{"entries":[{"name":".no.prefetch.landmark","type":"reg","offset":99}]}`, 0},
+		{"none", `{"entries":[{"name":"a","type":"reg","offset":5}]}`, 0},
+		{"in a deeper directory", `{"entries":[{"name":"d/.prefetch.landmark","type":"reg","offset":5}]}`, 0},
+		{"in a string value", `{"entries":[{"name":"x","linkName":"y.prefetch.landmark"}]}`, 0},
+		{"malformed", `{"entries":[{"name":".prefetch.landmark","offset":"x"}]}`, 0},
+		{"unbalanced", `".prefetch.landmark"`, 0},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			if got := landmarkOffset([]byte(tt.toc)); got != tt.want {
+				t.Errorf("landmarkOffset = %d, want %d", got, tt.want)
+			}
+		})
+	}
+}

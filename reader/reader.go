@@ -21,6 +21,7 @@ import (
 	"io"
 	"log/slog"
 	"strings"
+	"sync"
 	"sync/atomic"
 
 	"github.com/containerd/stargz-snapshotter/estargz"
@@ -69,6 +70,8 @@ type options struct {
 	opaqueXattr string
 	logger      *slog.Logger
 	demand      *Demand
+
+	earlyPrefetch bool
 }
 
 // WithName names the layer in errors, logs and cache keys; use its digest.
@@ -117,6 +120,9 @@ type Layer struct {
 	acct      accounting // stats.go
 	rec       atomic.Pointer[recorder]
 	zstd      bool // chunks are zstd frames (zstd:chunked), not gzip members
+
+	earlyMu sync.Mutex // guards early
+	early   *region    // the prioritized region fetched early (early.go), until Prefetch takes it
 }
 
 // Open reads the footer and TOC of the eStargz blob b and builds its tree.
@@ -142,7 +148,7 @@ func Open(ctx context.Context, b Blob, opts ...Option) (*Layer, error) {
 	store, tocKey := o.cache.store, o.name+"/toc"
 	if store != nil {
 		if t, ok := store.Get(tocKey); ok && int64(len(t)) >= estargz.FooterSize && int64(len(t)) <= size {
-			l, _, err := openTail(ctx, b, &o, &tailBlob{Blob: b, off: size - int64(len(t)), tail: t})
+			l, _, err := openTail(ctx, b, &o, &tailBlob{Blob: b, off: size - int64(len(t)), tail: t}, false)
 			if err == nil {
 				return l, nil
 			}
@@ -153,7 +159,7 @@ func Open(ctx context.Context, b Blob, opts ...Option) (*Layer, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open %s: read footer: %w", o.name, err)
 	}
-	l, region, err := openTail(ctx, b, &o, tb)
+	l, region, err := openTail(ctx, b, &o, tb, o.earlyPrefetch)
 	if err == nil && store != nil {
 		store.Put(tocKey, region)
 	}
@@ -161,8 +167,9 @@ func Open(ctx context.Context, b Blob, opts ...Option) (*Layer, error) {
 }
 
 // openTail opens the layer whose tail (at least footer and TOC, or just the
-// footer) is in tb, and returns it with its TOC region.
-func openTail(ctx context.Context, b Blob, o *options, tb *tailBlob) (*Layer, []byte, error) {
+// footer) is in tb, and returns it with its TOC region. With early, the
+// prioritized region is fetched while the TOC is parsed.
+func openTail(ctx context.Context, b Blob, o *options, tb *tailBlob, early bool) (*Layer, []byte, error) {
 	size := b.Size()
 	sr := io.NewSectionReader(tb, 0, size)
 	tocOffset, err := openFooter(sr)
@@ -190,13 +197,25 @@ func openTail(ctx context.Context, b Blob, o *options, tb *tailBlob) (*Layer, []
 	if o.tocDigest != "" && tocDigest != o.tocDigest {
 		return nil, nil, fmt.Errorf("open %s: TOC digest %s does not match the manifest's %s: refusing a tampered layer", o.name, tocDigest, o.tocDigest)
 	}
+	var er0 *region
+	if early {
+		if off := landmarkOffset(tocJSON); off > 0 && off <= tocOffset {
+			er0 = startRegion(b, 0, off)
+		}
+	}
+	fail := func(err error) (*Layer, []byte, error) {
+		if er0 != nil {
+			er0.cancel()
+		}
+		return nil, nil, err
+	}
 	toc, err := parseTOC(tocJSON)
 	if err != nil {
-		return nil, nil, fmt.Errorf("open %s: %w", o.name, err)
+		return fail(fmt.Errorf("open %s: %w", o.name, err))
 	}
 	er, err := openParsedTOC(size, &parsedTOC{toc: toc, digest: tocDigest})
 	if err != nil {
-		return nil, nil, fmt.Errorf("open %s: parse TOC: %w", o.name, err)
+		return fail(fmt.Errorf("open %s: parse TOC: %w", o.name, err))
 	}
 	l := &Layer{
 		name:      o.name,
@@ -208,8 +227,13 @@ func openTail(ctx context.Context, b Blob, o *options, tb *tailBlob) (*Layer, []
 		demand:    o.demand,
 	}
 	if err := l.build(er, o.opaqueXattr, !o.skipVerify); err != nil {
-		return nil, nil, fmt.Errorf("open %s: %w", o.name, err)
+		return fail(fmt.Errorf("open %s: %w", o.name, err))
 	}
+	if er0 != nil && l.prefetch != int64(len(er0.buf)) {
+		er0.cancel() // the scan found another landmark than the tree
+		er0 = nil
+	}
+	l.early = er0
 	return l, tb.tail[tocOffset-tb.off:], nil
 }
 
