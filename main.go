@@ -307,6 +307,8 @@ func serve(c *cli.Context, ref, target string, ready func(error), mounted func(*
 	if store != nil {
 		fopts = append(fopts, fetcher.WithMetadataStore(store))
 	}
+	// The config comes in while the layers' TOCs do (see WaitConfig below).
+	fopts = append(fopts, fetcher.WithLazyConfig())
 	bandwidth, err := parseSize(c.String("background-bandwidth"))
 	if err != nil {
 		return fmt.Errorf("--background-bandwidth: %w", err)
@@ -367,6 +369,9 @@ func serve(c *cli.Context, ref, target string, ready func(error), mounted func(*
 	lowers, err := opener.open(ctx)
 	defer opener.release()
 	if err != nil {
+		return err
+	}
+	if err := img.WaitConfig(ctx); err != nil {
 		return err
 	}
 	// Parsing TOCs leaves garbage several times the size of the trees

@@ -17,6 +17,7 @@ import (
 	"net/http"
 	"os"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/google/go-containerregistry/pkg/authn"
@@ -32,6 +33,7 @@ type Option func(*options)
 
 type options struct {
 	platform      *v1.Platform
+	lazyConfig    bool
 	plainHTTP     bool
 	skipTLSVerify bool
 	keychain      authn.Keychain
@@ -69,6 +71,14 @@ const (
 	DefaultStallTimeout         = 10 * time.Second
 	DefaultMaxConcurrentFetches = 8
 )
+
+// WithLazyConfig lets Resolve return once it has the manifest, fetching the
+// config meanwhile: Image.Config and Image.Platform are then set by
+// Image.WaitConfig, which every caller must call before using them. (With
+// WithPlatform and a single-platform image, the config is fetched before
+// Resolve returns, to check the platform.) The default is to fetch it
+// before Resolve returns.
+func WithLazyConfig() Option { return func(o *options) { o.lazyConfig = true } }
 
 // WithPlatform selects the image for platform p ("os/arch[/variant]") from an
 // index. The default is the host's platform.
@@ -124,10 +134,12 @@ func ParsePlatform(s string) (*v1.Platform, error) {
 type Image struct {
 	Ref      name.Reference // the reference as parsed
 	Digest   v1.Hash        // digest of the image manifest
-	Platform v1.Platform    // the platform the config declares
+	Platform v1.Platform    // the platform the config declares; with WithLazyConfig, after WaitConfig
 	Manifest *v1.Manifest
-	Config   *v1.ConfigFile
-	Layers   []Layer // bottom first
+	Config   *v1.ConfigFile // with WithLazyConfig, set by WaitConfig
+	Layers   []Layer        // bottom first
+
+	config *configFetch // with WithLazyConfig, until WaitConfig
 
 	repo         name.Repository
 	scheme       string
@@ -136,6 +148,34 @@ type Image struct {
 	fetchTimeout time.Duration
 	stallTimeout time.Duration
 	limits       *hostLimits
+}
+
+// configFetch is an image config on its way.
+type configFetch struct {
+	done chan struct{}
+	cfg  *v1.ConfigFile
+	err  error
+}
+
+// WaitConfig waits for the config fetch WithLazyConfig left running and
+// sets Config and Platform, or returns its error (the error Resolve would
+// have returned). Without WithLazyConfig it returns nil at once.
+func (im *Image) WaitConfig(ctx context.Context) error {
+	f := im.config
+	if f == nil {
+		return nil
+	}
+	select {
+	case <-f.done:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	if f.err != nil {
+		return f.err
+	}
+	im.setConfig(f.cfg)
+	im.config = nil
+	return nil
 }
 
 // Layer describes one layer blob of an image.
@@ -273,7 +313,7 @@ func resolve(ctx context.Context, r name.Reference, base http.RoundTripper, o *o
 		_, err := lazy.get(ctx)
 		authed <- err
 	}()
-	m, cfg, dgst, err := resolveRemote(ctx, r, platform, o, base)
+	m, config, dgst, err := resolveRemote(ctx, r, platform, o, base)
 	if err != nil {
 		var fe *Error
 		if _, byTag := r.(name.Tag); byTag && o.meta != nil && errors.As(err, &fe) && fe.Kind == KindUnreachable {
@@ -290,12 +330,39 @@ func resolve(ctx context.Context, r name.Reference, base http.RoundTripper, o *o
 	if err := <-authed; err != nil {
 		return nil, classify("authenticate", r.String(), err)
 	}
+	if o.lazyConfig && config.cfg == nil && config.err == nil {
+		im.config = &configFetch{done: make(chan struct{})}
+		go func() {
+			defer close(im.config.done)
+			im.config.cfg, im.config.err = config.get()
+		}()
+		return im.fill(dgst.String(), m, nil)
+	}
+	cfg, err := config.get()
+	if err != nil {
+		return nil, err
+	}
 	return im.fill(dgst.String(), m, cfg)
 }
 
+// remoteConfig fetches an image's config once, remembering manifest and
+// config in the metadata cache.
+type remoteConfig struct {
+	once sync.Once
+	get0 func() (*v1.ConfigFile, error)
+	cfg  *v1.ConfigFile
+	err  error
+}
+
+func (c *remoteConfig) get() (*v1.ConfigFile, error) {
+	c.once.Do(func() { c.cfg, c.err = c.get0() })
+	return c.cfg, c.err
+}
+
 // resolveRemote fetches r's manifest (picking the platform from an index)
-// and config from the registry, and remembers them in o.meta.
-func resolveRemote(ctx context.Context, r name.Reference, platform *v1.Platform, o *options, base http.RoundTripper) (*v1.Manifest, *v1.ConfigFile, v1.Hash, error) {
+// from the registry, and returns it with the means to fetch its config,
+// which remembers both in o.meta.
+func resolveRemote(ctx context.Context, r name.Reference, platform *v1.Platform, o *options, base http.RoundTripper) (*v1.Manifest, *remoteConfig, v1.Hash, error) {
 	var none v1.Hash
 	ropts := []remote.Option{
 		remote.WithContext(ctx),
@@ -320,22 +387,32 @@ func resolveRemote(ctx context.Context, r name.Reference, platform *v1.Platform,
 	if err != nil {
 		return nil, nil, none, classify("digest manifest", r.String(), err)
 	}
-	cfg, err := img.ConfigFile()
-	if err != nil {
-		return nil, nil, none, classify("fetch config", r.String(), err)
-	}
-	if o.platform != nil && !desc.MediaType.IsIndex() && !platformMatches(cfg, o.platform) {
-		return nil, nil, none, &Error{Op: "select platform", Ref: r.String(), Kind: KindNotFound,
-			Err: fmt.Errorf("the image is %s/%s, not %s", cfg.OS, cfg.Architecture, platformString(o.platform))}
-	}
-	if o.meta != nil {
-		rawM, err1 := img.RawManifest()
-		rawC, err2 := img.RawConfigFile()
-		if err1 == nil && err2 == nil {
-			remember(o.meta, r, platform, dgst, rawM, rawC, m.Config.Digest)
+	config := &remoteConfig{get0: func() (*v1.ConfigFile, error) {
+		cfg, err := img.ConfigFile()
+		if err != nil {
+			return nil, classify("fetch config", r.String(), err)
+		}
+		if o.meta != nil {
+			rawM, err1 := img.RawManifest()
+			rawC, err2 := img.RawConfigFile()
+			if err1 == nil && err2 == nil {
+				remember(o.meta, r, platform, dgst, rawM, rawC, m.Config.Digest)
+			}
+		}
+		return cfg, nil
+	}}
+	if o.platform != nil && !desc.MediaType.IsIndex() {
+		// The config says which platform a single image is for.
+		cfg, err := config.get()
+		if err != nil {
+			return nil, nil, none, err
+		}
+		if !platformMatches(cfg, o.platform) {
+			return nil, nil, none, &Error{Op: "select platform", Ref: r.String(), Kind: KindNotFound,
+				Err: fmt.Errorf("the image is %s/%s, not %s", cfg.OS, cfg.Architecture, platformString(o.platform))}
 		}
 	}
-	return m, cfg, dgst, nil
+	return m, config, dgst, nil
 }
 
 // fill sets the image's manifest-derived fields.
@@ -344,8 +421,10 @@ func (im *Image) fill(dgst string, m *v1.Manifest, cfg *v1.ConfigFile) (*Image, 
 	if err != nil {
 		return nil, &Error{Op: "digest manifest", Ref: im.Ref.String(), Err: err}
 	}
-	im.Digest, im.Manifest, im.Config = d, m, cfg
-	im.Platform = v1.Platform{OS: cfg.OS, Architecture: cfg.Architecture, Variant: cfg.Variant}
+	im.Digest, im.Manifest = d, m
+	if cfg != nil {
+		im.setConfig(cfg)
+	}
 	for _, l := range m.Layers {
 		im.Layers = append(im.Layers, Layer{
 			Digest:      l.Digest,
@@ -355,6 +434,11 @@ func (im *Image) fill(dgst string, m *v1.Manifest, cfg *v1.ConfigFile) (*Image, 
 		})
 	}
 	return im, nil
+}
+
+func (im *Image) setConfig(cfg *v1.ConfigFile) {
+	im.Config = cfg
+	im.Platform = v1.Platform{OS: cfg.OS, Architecture: cfg.Architecture, Variant: cfg.Variant}
 }
 
 // scheme decides between http and https the way the tool documents it:

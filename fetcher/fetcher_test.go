@@ -11,6 +11,7 @@ import (
 	"net/http/httptest"
 	"net/url"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -275,4 +276,61 @@ func TestParsePlatform(t *testing.T) {
 
 func remoteWrite(r name.Reference, img v1.Image, a authn.Authenticator) error {
 	return remote.Write(r, img, remote.WithAuth(a))
+}
+
+// TestLazyConfig: with WithLazyConfig, Resolve returns with the manifest
+// while the config is still on its way (held here), WaitConfig sets it,
+// and a config the registry fails to serve fails WaitConfig.
+func TestLazyConfig(t *testing.T) {
+	var hold atomic.Bool
+	release := make(chan struct{})
+	cfgDigest := make(chan string, 1)
+	host := serve(t, func(h http.Handler) http.Handler {
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			select {
+			case d := <-cfgDigest:
+				cfgDigest <- d
+				if strings.HasSuffix(r.URL.Path, "/blobs/"+d) && hold.Load() {
+					<-release
+					http.Error(w, "gone", http.StatusNotFound)
+					return
+				}
+			default:
+			}
+			h.ServeHTTP(w, r)
+		})
+	})
+	img := withPlatform(t, mustRandom(t), "linux", hostArch())
+	push(t, img, host+"/lazy:1")
+	cd, _ := img.ConfigName()
+	cfgDigest <- cd.String()
+
+	t.Run("served", func(t *testing.T) {
+		im, err := Resolve(context.Background(), host+"/lazy:1", WithLazyConfig())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := im.WaitConfig(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+		if im.Config == nil || im.Platform.Architecture != hostArch() {
+			t.Errorf("after WaitConfig: config %v, platform %v", im.Config, im.Platform)
+		}
+	})
+	t.Run("held, then missing", func(t *testing.T) {
+		hold.Store(true)
+		im, err := Resolve(context.Background(), host+"/lazy:1", WithLazyConfig())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if im.Config != nil || len(im.Layers) == 0 {
+			t.Fatalf("Resolve waited for the config, or has no layers: config %v, %d layers", im.Config, len(im.Layers))
+		}
+		close(release)
+		err = im.WaitConfig(context.Background())
+		var fe *Error
+		if !errors.As(err, &fe) || fe.Op != "fetch config" {
+			t.Errorf("WaitConfig = %v, want a fetch config error", err)
+		}
+	})
 }
