@@ -48,10 +48,12 @@ type Cache struct {
 
 	// Store writes happen in the background, so that a read does not
 	// wait for the disk; past maxQueued bytes queued, set writes itself.
-	wmu     sync.Mutex        // guards pending, queued and closed
+	wmu     sync.Mutex        // guards pending, queued, closed and paused
 	pending map[string][]byte // by store key: chunks queued for the store
 	queued  int64             // bytes in pending
 	closed  bool
+	paused  int        // pauseWrites calls not yet resumed
+	resumed *sync.Cond // on wmu: paused reached 0, or closed
 	writes  chan string // store keys of pending, in order
 	written sync.WaitGroup
 }
@@ -87,6 +89,7 @@ func NewCache(maxBytes int64, opts ...CacheOption) *Cache {
 	for _, o := range opts {
 		o(cache)
 	}
+	cache.resumed = sync.NewCond(&cache.wmu)
 	if cache.store != nil {
 		cache.pending = map[string][]byte{}
 		cache.writes = make(chan string, 1024)
@@ -101,6 +104,9 @@ func (c *Cache) writer() {
 	defer c.written.Done()
 	for k := range c.writes {
 		c.wmu.Lock()
+		for c.paused > 0 && !c.closed {
+			c.resumed.Wait()
+		}
 		b := c.pending[k]
 		c.wmu.Unlock()
 		c.store.Put(k, b)
@@ -108,6 +114,27 @@ func (c *Cache) writer() {
 		delete(c.pending, k)
 		c.queued -= int64(len(b))
 		c.wmu.Unlock()
+	}
+}
+
+// pauseWrites holds the store writer back, leaving the CPU to work that is
+// waited for (a prefetch before the mount is ready), until resume is
+// called. Chunks queue meanwhile, up to maxQueued; past it, set writes
+// them itself.
+func (c *Cache) pauseWrites() (resume func()) {
+	c.wmu.Lock()
+	c.paused++
+	c.wmu.Unlock()
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			c.wmu.Lock()
+			c.paused--
+			if c.paused == 0 {
+				c.resumed.Broadcast()
+			}
+			c.wmu.Unlock()
+		})
 	}
 }
 
@@ -276,6 +303,7 @@ func (c *Cache) Close() {
 		if !c.closed {
 			c.closed = true
 			close(c.writes)
+			c.resumed.Broadcast()
 		}
 		c.wmu.Unlock()
 		c.written.Wait()

@@ -42,6 +42,7 @@ func (l *Layer) Prefetch(ctx context.Context) error {
 		return nil
 	}
 	l.acct.prefetch.Store("running")
+	defer l.cache.pauseWrites()()
 	// Reads of these chunks meanwhile wait for this fetch rather than
 	// fetching them again.
 	calls := l.claim(units, todo)

@@ -156,3 +156,28 @@ func TestStoreLoadAhead(t *testing.T) {
 		t.Error("wrong bytes")
 	}
 }
+
+// TestPauseWrites: while paused, chunks wait in the queue (and are served
+// from it); on resume they reach the store.
+func TestPauseWrites(t *testing.T) {
+	st := &mapStore{m: map[string][]byte{}}
+	c := NewCache(8<<20, WithStore(st))
+	resume := c.pauseWrites()
+	c.set("sha256:1@0+0", []byte("chunk"))
+	time.Sleep(50 * time.Millisecond)
+	st.mu.Lock()
+	puts := st.puts
+	st.mu.Unlock()
+	if puts != 0 {
+		t.Fatalf("%d store writes while paused", puts)
+	}
+	if b, ok := c.queuedBytes(storeKey("sha256:1@0+0")); !ok || string(b) != "chunk" {
+		t.Error("a queued chunk is not served from the queue")
+	}
+	resume()
+	resume() // a second call does nothing
+	c.Close()
+	if _, ok := st.m["sha256:1/0+0"]; !ok {
+		t.Error("the chunk never reached the store after resume")
+	}
+}
