@@ -357,6 +357,18 @@ func readTOCJSON(region []byte) ([]byte, error) {
 // goes: at most MaxEntries entries, and no file whose chunk list (sized by
 // size/chunkSize) would exceed it.
 func parseTOC(b []byte) (*estargz.JTOC, error) {
+	toc, err := parseTOCFast(b) // tocjson.go
+	if err == errSlowPath {
+		return parseTOCSlow(b)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("TOC JSON: %w", err)
+	}
+	return toc, nil
+}
+
+// parseTOCSlow is parseTOC with encoding/json, for any JSON.
+func parseTOCSlow(b []byte) (*estargz.JTOC, error) {
 	dec := json.NewDecoder(bytes.NewReader(b))
 	bad := func(err error) error { return fmt.Errorf("TOC JSON: %w", err) }
 	if err := expectDelim(dec, '{'); err != nil {
@@ -405,19 +417,27 @@ func parseEntries(dec *json.Decoder, toc *estargz.JTOC) error {
 		if err := dec.Decode(e); err != nil {
 			return err
 		}
-		if e.Type == "reg" || e.Type == "chunk" {
-			i := len(toc.Entries)
-			if e.Size < 0 || e.ChunkSize < 0 {
-				return fmt.Errorf("entry %d: negative size", i)
-			}
-			if e.ChunkSize > 0 && e.Size/e.ChunkSize > MaxEntries {
-				return fmt.Errorf("entry %d: %d bytes in chunks of %d is more than %d chunks", i, e.Size, e.ChunkSize, MaxEntries)
-			}
+		if err := checkEntry(len(toc.Entries), e); err != nil {
+			return err
 		}
 		toc.Entries = append(toc.Entries, e)
 	}
 	_, err := dec.Token() // ]
 	return err
+}
+
+// checkEntry checks TOC entry i for sizes the estargz library trusts when
+// it allocates.
+func checkEntry(i int, e *estargz.TOCEntry) error {
+	if e.Type == "reg" || e.Type == "chunk" {
+		if e.Size < 0 || e.ChunkSize < 0 {
+			return fmt.Errorf("entry %d: negative size", i)
+		}
+		if e.ChunkSize > 0 && e.Size/e.ChunkSize > MaxEntries {
+			return fmt.Errorf("entry %d: %d bytes in chunks of %d is more than %d chunks", i, e.Size, e.ChunkSize, MaxEntries)
+		}
+	}
+	return nil
 }
 
 func expectDelim(dec *json.Decoder, d json.Delim) error {
