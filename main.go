@@ -374,10 +374,6 @@ func serve(c *cli.Context, ref, target string, ready func(error), mounted func(*
 	if err := img.WaitConfig(ctx); err != nil {
 		return err
 	}
-	// Parsing TOCs leaves garbage several times the size of the trees
-	// kept (the estargz library decodes every entry into a large struct):
-	// give it back to the OS now rather than hold it as RSS.
-	debug.FreeOSMemory()
 	if disk, err := parseSize(c.String("cache-max-disk")); err == nil && store != nil {
 		opener.enforceBound(store, disk)
 	}
@@ -445,6 +441,10 @@ func serve(c *cli.Context, ref, target string, ready func(error), mounted func(*
 		}
 	}
 	ready(nil)
+	// Parsing TOCs leaves garbage several times the size of the trees
+	// kept (the estargz library's entry structs): give it back to the OS
+	// rather than hold it as RSS, once nobody waits for the mount.
+	debug.FreeOSMemory()
 	if c.Bool("background-fetch") {
 		capacity := memory
 		if store != nil {

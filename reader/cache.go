@@ -52,8 +52,8 @@ type Cache struct {
 	pending map[string][]byte // by store key: chunks queued for the store
 	queued  int64             // bytes in pending
 	closed  bool
-	paused  int        // pauseWrites calls not yet resumed
-	resumed *sync.Cond // on wmu: paused reached 0, or closed
+	paused  int         // pauseWrites calls not yet resumed
+	resumed *sync.Cond  // on wmu: paused reached 0, or closed
 	writes  chan string // store keys of pending, in order
 	written sync.WaitGroup
 }

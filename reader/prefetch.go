@@ -53,9 +53,12 @@ func (l *Layer) Prefetch(ctx context.Context) error {
 		fill      func(int64) error
 		closeFill func()
 		err       error
+		members   map[int64][]byte // decompressed early, by blob offset
 	)
 	if r := l.takeEarly(); r != nil && r.off <= start && end <= r.off+int64(len(r.buf)) {
-		// Requested while the TOC was parsed (early.go).
+		// Requested, and partly decompressed, while the TOC was parsed
+		// (early.go).
+		members = r.decoded()
 		comp = r.buf[start-r.off : end-r.off]
 		fill = func(n int64) error { return r.fill(start - r.off + n) }
 		closeFill = r.cancel
@@ -103,7 +106,11 @@ func (l *Layer) Prefetch(ctx context.Context) error {
 			continue
 		}
 		g.Go(func() error {
-			cl.data, cl.err = decode(c, comp[c.blobOff-start:c.blobEnd-start])
+			if m, ok := members[c.blobOff]; ok && c.inner >= 0 && c.inner+c.size <= int64(len(m)) {
+				cl.data, cl.err = verifyChunk(c, m)
+			} else {
+				cl.data, cl.err = decode(c, comp[c.blobOff-start:c.blobEnd-start])
+			}
 			if cl.err != nil {
 				bad.Add(1)
 				l.logger.Warn("prefetch: bad chunk", "layer", l.name, "offset", c.blobOff, "err", cl.err)

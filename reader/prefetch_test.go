@@ -370,6 +370,16 @@ func TestEarlyPrefetch(t *testing.T) {
 	}
 	reads := blob.reads.Load()
 	close(sb.release)
+	// Let the early decoder get through the members before Prefetch.
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(time.Millisecond) {
+		l.early.dmu.Lock()
+		n := len(l.early.members)
+		l.early.dmu.Unlock()
+		if n >= 10 || time.Now().After(deadline) {
+			t.Logf("%d gzip members decompressed early", n)
+			break
+		}
+	}
 	if err := l.Prefetch(context.Background()); err != nil {
 		t.Fatal(err)
 	}
@@ -411,5 +421,38 @@ func TestLandmarkOffset(t *testing.T) {
 				t.Errorf("landmarkOffset = %d, want %d", got, tt.want)
 			}
 		})
+	}
+}
+
+// TestEarlyPrefetchTampered: a byte flipped in a prioritized chunk of the
+// blob: the early decoder's bytes fail verification like any others, that
+// file's read fails, the other prioritized files read right.
+func TestEarlyPrefetchTampered(t *testing.T) {
+	prio := []string{"p0", "p1", "p2", "p3", "p4", "p5", "p6", "p7", "p8", "p9"}
+	blob, d, files := prioritized(t, prio)
+	clean := open(t, blob, d)
+	victim := lookup(t, clean, "p4").chunks[1]
+	// Flip a byte in the middle of p4's second chunk's gzip member.
+	blob.data[(victim.blobOff+victim.blobEnd)/2] ^= 0x10
+	l, err := Open(context.Background(), blob, WithTOCDigest(d), WithEarlyPrefetch())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := l.Prefetch(context.Background()); err == nil {
+		t.Error("Prefetch of a tampered region reported nothing")
+	}
+	for _, p := range prio {
+		n := lookup(t, l, p)
+		out := make([]byte, n.Size)
+		_, err := l.ReadAt(context.Background(), n, out, 0)
+		if p == "p4" {
+			if !errors.Is(err, ErrCorrupt) {
+				t.Errorf("read of the tampered file: %v, want ErrCorrupt", err)
+			}
+			continue
+		}
+		if err != nil || !bytes.Equal(out, files[p]) {
+			t.Errorf("%s: %v, right bytes %v", p, err, bytes.Equal(out, files[p]))
+		}
 	}
 }

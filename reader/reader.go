@@ -200,7 +200,7 @@ func openTail(ctx context.Context, b Blob, o *options, tb *tailBlob, early bool)
 	var er0 *region
 	if early {
 		if off := landmarkOffset(tocJSON); off > 0 && off <= tocOffset {
-			er0 = startRegion(b, 0, off)
+			er0 = startRegion(b, 0, off, true)
 		}
 	}
 	fail := func(err error) (*Layer, []byte, error) {
