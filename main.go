@@ -22,6 +22,7 @@ import (
 	"strings"
 	"syscall"
 	"text/tabwriter"
+	"time"
 
 	"github.com/containerd/stargz-snapshotter/estargz"
 	"github.com/opencontainers/go-digest"
@@ -351,6 +352,7 @@ func serve(c *cli.Context, ref, target string, ready func(error), mounted func(*
 	}
 	cache := reader.NewCache(memory, copts...)
 	defer cache.Close()
+	demand := reader.NewDemand() // shared by the layers: on-demand reads go first
 	opener := &layerOpener{
 		img:        img,
 		blobs:      layerBlobs(img),
@@ -360,7 +362,7 @@ func serve(c *cli.Context, ref, target string, ready func(error), mounted func(*
 		logger:     logger,
 		opened:     prog.count("layers", len(img.Layers)),
 		prog:       prog,
-		extra:      []reader.Option{reader.WithDemand(reader.NewDemand()), reader.WithOpaqueXattr(mount.OpaqueXattr())},
+		extra:      []reader.Option{reader.WithDemand(demand), reader.WithOpaqueXattr(mount.OpaqueXattr())},
 	}
 	if c.Bool("prefetch") {
 		// The prioritized region is requested while the TOC is parsed.
@@ -443,8 +445,13 @@ func serve(c *cli.Context, ref, target string, ready func(error), mounted func(*
 	ready(nil)
 	// Parsing TOCs leaves garbage several times the size of the trees
 	// kept (the estargz library's entry structs): give it back to the OS
-	// rather than hold it as RSS, once nobody waits for the mount.
-	debug.FreeOSMemory()
+	// rather than hold it as RSS, once the mount has been idle a moment
+	// (not while the program it was mounted for starts).
+	go func() {
+		if demand.WaitIdle(ctx, 200*time.Millisecond) == nil {
+			debug.FreeOSMemory()
+		}
+	}()
 	if c.Bool("background-fetch") {
 		capacity := memory
 		if store != nil {

@@ -74,6 +74,13 @@ func (d *Demand) begin() func() {
 	}
 }
 
+// WaitIdle waits until the layers sharing d have had no on-demand fetch in
+// flight and no use (Touch) for idle, or ctx ends.
+func (d *Demand) WaitIdle(ctx context.Context, idle time.Duration) error {
+	_, err := d.quiet(ctx, idle, idle)
+	return err
+}
+
 // quiet waits until no on-demand fetch has been in flight for q and the
 // layers have not been used for idle, and returns a channel that is closed
 // when the next on-demand fetch starts.

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"runtime"
 	"sync/atomic"
+	"time"
 
 	"golang.org/x/sync/errgroup"
 )
@@ -42,7 +43,17 @@ func (l *Layer) Prefetch(ctx context.Context) error {
 		return nil
 	}
 	l.acct.prefetch.Store("running")
-	defer l.cache.pauseWrites()()
+	// The disk-cache writes wait until the mount has been idle a while:
+	// the program it was started for runs first.
+	resume := l.cache.pauseWrites()
+	defer func() {
+		go func() {
+			ctx, cancel := context.WithTimeout(context.Background(), maxWritePause)
+			defer cancel()
+			l.demand.WaitIdle(ctx, writeIdle)
+			resume()
+		}()
+	}()
 	// Reads of these chunks meanwhile wait for this fetch rather than
 	// fetching them again.
 	calls := l.claim(units, todo)
@@ -136,6 +147,13 @@ func (l *Layer) Prefetch(ctx context.Context) error {
 	}
 	return nil
 }
+
+// After a prefetch, disk-cache writes wait for writeIdle without use of
+// the mount, at most maxWritePause.
+const (
+	writeIdle     = 200 * time.Millisecond
+	maxWritePause = 5 * time.Second
+)
 
 // claim registers a call in the layer's fetch table for each of the units
 // idx that is not in flight already, so reads wait for it. Calls are
