@@ -364,13 +364,7 @@ func (c *remoteConfig) get() (*v1.ConfigFile, error) {
 // which remembers both in o.meta.
 func resolveRemote(ctx context.Context, r name.Reference, platform *v1.Platform, o *options, base http.RoundTripper) (*v1.Manifest, *remoteConfig, v1.Hash, error) {
 	var none v1.Hash
-	ropts := []remote.Option{
-		remote.WithContext(ctx),
-		remote.WithAuthFromKeychain(o.keychain),
-		remote.WithTransport(base),
-		remote.WithPlatform(*platform),
-	}
-	desc, err := remote.Get(r, ropts...)
+	desc, err := getManifest(ctx, r, platform, o, base)
 	if err != nil {
 		return nil, nil, none, classify("fetch manifest", r.String(), err)
 	}
@@ -413,6 +407,65 @@ func resolveRemote(ctx context.Context, r name.Reference, platform *v1.Platform,
 		}
 	}
 	return m, config, dgst, nil
+}
+
+// getManifest fetches r's manifest or index the way go-containerregistry
+// does (a ping for the registry's authentication challenge, a token if it
+// wants one, then the manifest) and, at the same time, asks for it
+// anonymously without the ping: a registry that serves anonymous pulls
+// answers that in one round trip instead of two. One that wants
+// credentials answers it 401, which costs nothing but the request.
+func getManifest(ctx context.Context, r name.Reference, platform *v1.Platform, o *options, base http.RoundTripper) (*remote.Descriptor, error) {
+	type got struct {
+		desc *remote.Descriptor
+		err  error
+	}
+	slowCtx, cancelSlow := context.WithCancel(ctx)
+	slowWon := false
+	defer func() {
+		if !slowWon {
+			cancelSlow()
+		}
+	}()
+	slow := make(chan got, 1)
+	go func() {
+		d, err := remote.Get(r, remote.WithContext(slowCtx), remote.WithAuthFromKeychain(o.keychain),
+			remote.WithTransport(base), remote.WithPlatform(*platform))
+		slow <- got{d, err}
+	}()
+	var fast chan got
+	// Only where go-containerregistry's URL scheme is the one this
+	// package uses (not, say, plain HTTP to a private address that the
+	// ping would have found speaking HTTPS).
+	if reg := r.Context().Registry; reg.Scheme() == scheme(reg, o.plainHTTP) {
+		anon, err := transport.FromToken(reg, authn.Anonymous, transport.NewUserAgent(base, ""),
+			&transport.Challenge{Scheme: "anonymous"}, &transport.Token{})
+		if err == nil {
+			fast = make(chan got, 1)
+			go func() {
+				d, err := remote.Get(r, remote.WithContext(ctx), remote.WithTransport(anon), remote.WithPlatform(*platform))
+				fast <- got{d, err}
+			}()
+		}
+	}
+	for {
+		select {
+		case g := <-fast:
+			if g.err == nil {
+				return g.desc, nil
+			}
+			o.logger.Debug("anonymous manifest fetch failed; authenticating", "ref", r.String(), "err", g.err)
+			fast = nil
+		case g := <-slow:
+			if g.err != nil && fast != nil {
+				if f := <-fast; f.err == nil {
+					return f.desc, nil
+				}
+			}
+			slowWon = g.err == nil
+			return g.desc, g.err
+		}
+	}
 }
 
 // fill sets the image's manifest-derived fields.

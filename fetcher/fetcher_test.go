@@ -11,6 +11,7 @@ import (
 	"net/http/httptest"
 	"net/url"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -333,4 +334,38 @@ func TestLazyConfig(t *testing.T) {
 			t.Errorf("WaitConfig = %v, want a fetch config error", err)
 		}
 	})
+}
+
+// TestManifestWithoutPing: the manifest of a registry that serves
+// anonymous pulls is asked for at once, not after the ping (held here
+// until the manifest has been asked for).
+func TestManifestWithoutPing(t *testing.T) {
+	manifestAsked := make(chan struct{})
+	var once sync.Once
+	var armed atomic.Bool
+	host := serve(t, func(h http.Handler) http.Handler {
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			switch {
+			case !armed.Load():
+			case r.URL.Path == "/v2/":
+				select {
+				case <-manifestAsked:
+				case <-time.After(10 * time.Second):
+				}
+			case strings.Contains(r.URL.Path, "/manifests/"):
+				once.Do(func() { close(manifestAsked) })
+			}
+			h.ServeHTTP(w, r)
+		})
+	})
+	img := withPlatform(t, mustRandom(t), "linux", hostArch())
+	push(t, img, host+"/anon:1")
+	armed.Store(true)
+	start := time.Now()
+	if _, err := Resolve(context.Background(), host+"/anon:1"); err != nil {
+		t.Fatal(err)
+	}
+	if d := time.Since(start); d > 5*time.Second {
+		t.Errorf("Resolve took %v: the manifest waited for the ping", d)
+	}
 }
