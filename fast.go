@@ -82,6 +82,7 @@ func (s *session) borrow(m interface {
 				s.borrowed = map[*reader.Layer]int{}
 			}
 			s.borrowed[l] = pid
+			l.DropEarlyPrefetch() // the serving process prefetched it
 		}
 	}
 }

@@ -400,10 +400,6 @@ func serve(c *cli.Context, ref, target string, ready func(error), mounted func(*
 	if err != nil {
 		return err
 	}
-	// Prefetch while the layers are being mounted. A layer that turns out
-	// to be served by another process was prefetched there already: its
-	// prioritized chunks come from the shared disk cache without a request.
-	sess.startPrefetch(c.Bool("prefetch"))
 	m, err := mount.MountLowers(ctx, lowers, target, mount.Options{
 		StateDir:  c.String("cache-dir"),
 		Writable:  c.Bool("writable"),
@@ -418,8 +414,14 @@ func serve(c *cli.Context, ref, target string, ready func(error), mounted func(*
 	if err != nil {
 		return err
 	}
-	// Layers another process serves are fetched in the background there.
+	// Layers another process serves are fetched in the background there,
+	// and were prefetched there.
 	sess.borrow(m)
+	// The prioritized regions are on their way since the TOCs came in
+	// (reader.WithEarlyPrefetch); decoding them waits for the mount, which
+	// needs the FUSE servers to answer and would otherwise queue behind
+	// the decoding for the CPU.
+	sess.startPrefetch(c.Bool("prefetch"))
 	sess.waitPrefetch(c.Duration("prefetch-timeout"))
 	if err := sess.publish(m.Target, c.String("metrics-addr")); err != nil {
 		m.Close()

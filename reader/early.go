@@ -196,6 +196,15 @@ func (r *region) fill(n int64) error {
 	return r.err
 }
 
+// DropEarlyPrefetch cancels the prefetch WithEarlyPrefetch started, for a
+// layer whose Prefetch will not be called (another process serves it).
+func (l *Layer) DropEarlyPrefetch() {
+	if r := l.takeEarly(); r != nil {
+		r.cancel()
+		r.dstop.Store(true)
+	}
+}
+
 // takeEarly hands over the early region, once.
 func (l *Layer) takeEarly() *region {
 	l.earlyMu.Lock()
