@@ -30,6 +30,7 @@ test: have-deps
 	$(GO) test -race -count=1 -timeout 30m $$($(GO) list ./... | grep -v '/stargz-mount$$')
 	$(GO) test -count=1 -timeout 45m .
 	$(GO) test -run XXX -fuzz '^FuzzTOC$$' -fuzztime 20s ./reader
+	$(GO) test -run XXX -fuzz '^FuzzParseTOC$$' -fuzztime 20s ./reader
 	$(GO) test -run XXX -fuzz '^FuzzDecode$$' -fuzztime 20s ./reader
 	$(GO) test -run XXX -fuzz '^FuzzOpen$$' -fuzztime 20s -fuzzminimizetime 2s ./reader
 	$(GO) test -run XXX -fuzz '^FuzzTar$$' -fuzztime 20s -fuzzminimizetime 2s ./unpack

@@ -1,9 +1,11 @@
 // Package mount serves eStargz layers read-only through FUSE and stacks them
 // with overlayfs into one root filesystem.
 //
-// LayerFS is the FUSE file system of one reader.Layer. Mount mounts a list of
-// layers under a per-mount state directory and an overlay of them at the
-// target; Unmount tears such a stack down, also after its server was killed.
+// LayerFS is the FUSE file system of one reader.Layer; files read whole are
+// handed to the kernel as saved copies on later opens (FUSE passthrough,
+// passthrough.go). Mount mounts a list of layers under a per-mount state
+// directory and an overlay of them at the target; Unmount tears such a
+// stack down, also after its server was killed.
 package mount
 
 import (
