@@ -414,7 +414,9 @@ func resolveRemote(ctx context.Context, r name.Reference, platform *v1.Platform,
 // wants one, then the manifest) and, at the same time, asks for it
 // anonymously without the ping: a registry that serves anonymous pulls
 // answers that in one round trip instead of two. One that wants
-// credentials answers it 401, which costs nothing but the request.
+// credentials answers it 401, which costs nothing but the request. Where
+// the user has credentials for the registry, nothing is asked
+// anonymously: they may count differently (rate limits, audit logs).
 func getManifest(ctx context.Context, r name.Reference, platform *v1.Platform, o *options, base http.RoundTripper) (*remote.Descriptor, error) {
 	type got struct {
 		desc *remote.Descriptor
@@ -443,6 +445,10 @@ func getManifest(ctx context.Context, r name.Reference, platform *v1.Platform, o
 		if err == nil {
 			fast = make(chan got, 1)
 			go func() {
+				if a, err := o.keychain.Resolve(r.Context()); err != nil || a != authn.Anonymous {
+					fast <- got{err: errors.New("credentials configured: not asking anonymously")}
+					return
+				}
 				d, err := remote.Get(r, remote.WithContext(ctx), remote.WithTransport(anon), remote.WithPlatform(*platform))
 				fast <- got{d, err}
 			}()
