@@ -19,8 +19,8 @@ import (
 // later opens hand that file to the kernel (fuse.OpenPassthrough), which
 // then reads it like a local file, without the daemon: warm reads run at
 // the speed of the disk cache's file system instead of FUSE round trips.
-// The copy is checked (CRC-32C, by the lru store) when an open first
-// registers it.
+// The lru store checks the copy (a CRC-32C per block) the first time it is
+// opened after a boot or after it changed (lru.Store.OpenFile).
 //
 // The kernel holds an inode in one mode at a time: while any open of it
 // reads through the daemon (keeping the page cache), a passthrough open

@@ -6,15 +6,16 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 )
 
 func TestProxy(t *testing.T) {
 	body := bytes.Repeat([]byte("0123456789abcdef"), 1<<16) // 1 MiB
-	var gotHost string
+	var gotHost atomic.Value // string; handlers of concurrent clients set it
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		gotHost = r.Host
+		gotHost.Store(r.Host)
 		w.Write(body)
 	}))
 	t.Cleanup(srv.Close)
@@ -63,8 +64,8 @@ func TestProxy(t *testing.T) {
 			if got := p.Stats(); got != want {
 				t.Errorf("Stats() = %+v, want %+v", got, want)
 			}
-			if gotHost != p.Addr() {
-				t.Errorf("server saw Host %q, want the proxy's %q", gotHost, p.Addr())
+			if h, _ := gotHost.Load().(string); h != p.Addr() {
+				t.Errorf("server saw Host %q, want the proxy's %q", h, p.Addr())
 			}
 			p.Reset()
 			if got := p.Stats(); got != (Stats{}) {
