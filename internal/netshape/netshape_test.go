@@ -13,7 +13,9 @@ import (
 
 func TestProxy(t *testing.T) {
 	body := bytes.Repeat([]byte("0123456789abcdef"), 1<<16) // 1 MiB
-	var gotHost atomic.Value                                // string; handlers of concurrent clients set it
+	// The Host the server saw (a string); concurrent clients' handlers
+	// set it.
+	var gotHost atomic.Value
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		gotHost.Store(r.Host)
 		w.Write(body)
