@@ -12,7 +12,6 @@ import (
 	"os"
 	"runtime"
 	"sync/atomic"
-	"time"
 
 	"golang.org/x/sync/errgroup"
 	"golang.org/x/sys/unix"
@@ -233,9 +232,7 @@ func (s *Store) OpenFile(key string) (*os.File, bool) {
 			return nil, false
 		}
 	}
-	if time.Since(fi.ModTime()) > touchAfter {
-		now := time.Now()
-		os.Chtimes(p, now, now)
+	if touch(p, fi) {
 		checked = false // its stamp names the old mtime
 	}
 	if !checked {

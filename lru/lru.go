@@ -236,11 +236,19 @@ func (s *Store) Get(key string) ([]byte, bool) {
 		s.drop(p, key, "checksum mismatch")
 		return nil, false
 	}
-	if time.Since(fi.ModTime()) > touchAfter {
-		now := time.Now()
-		os.Chtimes(p, now, now)
-	}
+	touch(p, fi)
 	return data, true
+}
+
+// touch marks the entry at p, last modified as fi says, as just used,
+// unless it was within touchAfter, and reports whether it did.
+func touch(p string, fi os.FileInfo) bool {
+	if time.Since(fi.ModTime()) <= touchAfter {
+		return false
+	}
+	now := time.Now()
+	os.Chtimes(p, now, now)
+	return true
 }
 
 func decode(buf []byte) ([]byte, bool) {

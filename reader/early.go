@@ -221,12 +221,8 @@ func verifyChunk(c *chunk, m []byte) ([]byte, error) {
 		return nil, fmt.Errorf("%w: gzip member at %d holds less than the %d bytes the TOC declares", ErrCorrupt, c.blobOff, c.size)
 	}
 	data := m[c.inner : c.inner+c.size : c.inner+c.size]
-	if c.digest != "" {
-		v := c.digest.Verifier()
-		v.Write(data)
-		if !v.Verified() {
-			return nil, fmt.Errorf("%w: chunk at blob offset %d does not match its digest %s", ErrCorrupt, c.blobOff, c.digest)
-		}
+	if err := verifyDigest(c, data); err != nil {
+		return nil, err
 	}
 	return data, nil
 }

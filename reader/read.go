@@ -454,12 +454,18 @@ func readChunk(c *chunk, r io.Reader, unit string) ([]byte, error) {
 	if _, err := io.ReadFull(r, data); err != nil {
 		return nil, fmt.Errorf("%w: %s at %d holds less than the %d bytes the TOC declares: %v", ErrCorrupt, unit, c.blobOff, c.size, err)
 	}
-	if c.digest != "" {
-		v := c.digest.Verifier()
-		v.Write(data)
-		if !v.Verified() {
-			return nil, fmt.Errorf("%w: chunk at blob offset %d does not match its digest %s", ErrCorrupt, c.blobOff, c.digest)
-		}
+	return data, verifyDigest(c, data)
+}
+
+// verifyDigest checks data, chunk c's bytes, against c's digest, if any.
+func verifyDigest(c *chunk, data []byte) error {
+	if c.digest == "" {
+		return nil
 	}
-	return data, nil
+	v := c.digest.Verifier()
+	v.Write(data)
+	if !v.Verified() {
+		return fmt.Errorf("%w: chunk at blob offset %d does not match its digest %s", ErrCorrupt, c.blobOff, c.digest)
+	}
+	return nil
 }
