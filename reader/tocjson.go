@@ -145,11 +145,33 @@ func (s *tocScanner) xattrs(p *map[string][]byte) error {
 		*p = nil
 		return nil
 	}
-	if err := s.expect('{'); err != nil {
-		return err
-	}
 	if *p == nil {
 		*p = map[string][]byte{}
+	}
+	return s.object(func(k []byte) error {
+		if s.null() {
+			(*p)[string(k)] = nil
+			return nil
+		}
+		v, err := s.str()
+		if err != nil {
+			return err
+		}
+		d := make([]byte, base64.StdEncoding.DecodedLen(len(v)))
+		n, err := base64.StdEncoding.Decode(d, v)
+		if err != nil {
+			return errSlowPath
+		}
+		(*p)[string(k)] = d[:n]
+		return nil
+	})
+}
+
+// object reads an object, calling member with each key; member reads the
+// key's value.
+func (s *tocScanner) object(member func(key []byte) error) error {
+	if err := s.expect('{'); err != nil {
+		return err
 	}
 	if s.peek() == '}' {
 		s.i++
@@ -163,19 +185,8 @@ func (s *tocScanner) xattrs(p *map[string][]byte) error {
 		if err := s.expect(':'); err != nil {
 			return err
 		}
-		if s.null() {
-			(*p)[string(k)] = nil
-		} else {
-			v, err := s.str()
-			if err != nil {
-				return err
-			}
-			d := make([]byte, base64.StdEncoding.DecodedLen(len(v)))
-			n, err := base64.StdEncoding.Decode(d, v)
-			if err != nil {
-				return errSlowPath
-			}
-			(*p)[string(k)] = d[:n]
+		if err := member(k); err != nil {
+			return err
 		}
 		switch s.peek() {
 		case ',':
@@ -191,21 +202,7 @@ func (s *tocScanner) xattrs(p *map[string][]byte) error {
 
 // entry reads one TOC entry object.
 func (s *tocScanner) entry(e *estargz.TOCEntry) error {
-	if err := s.expect('{'); err != nil {
-		return err
-	}
-	if s.peek() == '}' {
-		s.i++
-		return nil
-	}
-	for {
-		k, err := s.str()
-		if err != nil {
-			return err
-		}
-		if err := s.expect(':'); err != nil {
-			return err
-		}
+	return s.object(func(k []byte) (err error) {
 		switch string(k) {
 		case "name":
 			err = s.setStr(&e.Name)
@@ -248,93 +245,63 @@ func (s *tocScanner) entry(e *estargz.TOCEntry) error {
 		default:
 			return errSlowPath
 		}
-		if err != nil {
-			return err
-		}
-		switch s.peek() {
-		case ',':
-			s.i++
-		case '}':
-			s.i++
-			return nil
-		default:
-			return errSlowPath
-		}
-	}
+		return err
+	})
 }
 
 // parseTOCFast decodes TOC JSON in the form estargz writes it, checking
 // limits as parseEntries does, or returns errSlowPath.
 func parseTOCFast(b []byte) (*estargz.JTOC, error) {
 	s := &tocScanner{b: b}
-	if err := s.expect('{'); err != nil {
-		return nil, err
-	}
 	toc := new(estargz.JTOC)
-	if s.peek() == '}' {
-		return toc, nil
-	}
-	for {
-		k, err := s.str()
-		if err != nil {
-			return nil, err
-		}
-		if err := s.expect(':'); err != nil {
-			return nil, err
-		}
+	err := s.object(func(k []byte) error {
 		switch string(k) {
 		case "version":
-			v := int64(toc.Version)
-			if err := s.setInt(&v); err != nil {
-				return nil, err
-			}
-			if int64(int(v)) != v {
-				return nil, errSlowPath
-			}
-			toc.Version = int(v)
+			return s.setIntInt(&toc.Version)
 		case "entries":
-			toc.Entries = nil
-			if s.null() {
-				break
-			}
-			if err := s.expect('['); err != nil {
-				return nil, err
-			}
-			if s.peek() == ']' {
-				s.i++
-				break
-			}
-			for {
-				if len(toc.Entries) == MaxEntries {
-					return nil, errSlowPath // let the general decoder word it
-				}
-				e := new(estargz.TOCEntry)
-				if err := s.entry(e); err != nil {
-					return nil, err
-				}
-				if err := checkEntry(len(toc.Entries), e); err != nil {
-					return nil, err
-				}
-				toc.Entries = append(toc.Entries, e)
-				if c := s.peek(); c == ',' {
-					s.i++
-					continue
-				} else if c == ']' {
-					s.i++
-					break
-				}
-				return nil, errSlowPath
-			}
-		default:
-			return nil, errSlowPath
+			return s.entries(toc)
 		}
+		return errSlowPath
+	})
+	if err != nil {
+		return nil, err
+	}
+	return toc, nil
+}
+
+// entries reads the entries array (or a null) into toc, replacing any.
+func (s *tocScanner) entries(toc *estargz.JTOC) error {
+	toc.Entries = nil
+	if s.null() {
+		return nil
+	}
+	if err := s.expect('['); err != nil {
+		return err
+	}
+	if s.peek() == ']' {
+		s.i++
+		return nil
+	}
+	for {
+		if len(toc.Entries) == MaxEntries {
+			return errSlowPath // let the general decoder word it
+		}
+		e := new(estargz.TOCEntry)
+		if err := s.entry(e); err != nil {
+			return err
+		}
+		if err := checkEntry(len(toc.Entries), e); err != nil {
+			return err
+		}
+		toc.Entries = append(toc.Entries, e)
 		switch s.peek() {
 		case ',':
 			s.i++
-		case '}':
-			return toc, nil
+		case ']':
+			s.i++
+			return nil
 		default:
-			return nil, errSlowPath
+			return errSlowPath
 		}
 	}
 }
