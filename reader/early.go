@@ -200,8 +200,7 @@ func (r *region) fill(n int64) error {
 // layer whose Prefetch will not be called (another process serves it).
 func (l *Layer) DropEarlyPrefetch() {
 	if r := l.takeEarly(); r != nil {
-		r.cancel()
-		r.dstop.Store(true)
+		r.cancel() // the decoder stops with the read
 	}
 }
 

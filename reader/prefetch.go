@@ -36,9 +36,7 @@ func (l *Layer) Prefetch(ctx context.Context) error {
 		todo = append(todo, i)
 	}
 	if len(todo) == 0 {
-		if r := l.takeEarly(); r != nil {
-			r.cancel()
-		}
+		l.DropEarlyPrefetch()
 		l.acct.prefetch.Store("done")
 		return nil
 	}
