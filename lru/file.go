@@ -3,12 +3,10 @@ package lru
 import (
 	"bytes"
 	"encoding/binary"
-	"errors"
 	"fmt"
 	"hash"
 	"hash/crc32"
 	"io"
-	"io/fs"
 	"os"
 	"runtime"
 	"sync/atomic"
@@ -86,31 +84,7 @@ func fileBlock(size int64) int64 {
 // unless an entry is there already, evicting the least recently used
 // entries to stay within the bound. fill must write exactly size bytes.
 func (s *Store) PutFile(key string, size int64, fill func(io.Writer) error) error {
-	p, err := s.path(key)
-	if err != nil {
-		return err
-	}
-	if _, err := os.Lstat(p); err == nil {
-		return nil
-	}
-	c := diskCost(size)
-	if c > s.max {
-		return fmt.Errorf("put file %s (%d bytes): %w", key, size, ErrTooLarge)
-	}
-	f, err := s.reserve(c, size)
-	if err != nil {
-		return fmt.Errorf("put file %s: %w", key, err)
-	}
-	tmp := f.Name()
-	defer os.Remove(tmp)
-	if err := s.writeFile(f, p, size, fill); err != nil {
-		s.release(c)
-		if errors.Is(err, fs.ErrExist) {
-			return nil // another writer won
-		}
-		return fmt.Errorf("put file %s: %w", key, err)
-	}
-	return nil
+	return s.put(key, size, func(f *os.File, p string) error { return s.writeFile(f, p, size, fill) })
 }
 
 // writeFile fills the reserved temp file f, labels it with its checksums

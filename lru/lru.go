@@ -282,6 +282,13 @@ func (s *Store) Has(key string) bool {
 // Put stores b under key unless an entry is there already, evicting the
 // least recently used entries to stay within the bound.
 func (s *Store) Put(key string, b []byte) error {
+	return s.put(key, int64(len(b))+headerSize, func(f *os.File, p string) error { return s.write(f, p, b) })
+}
+
+// put adds an entry of size bytes on disk under key, written to its
+// reserved temp file f and linked into place at p by write, unless an
+// entry is there already.
+func (s *Store) put(key string, size int64, write func(f *os.File, p string) error) error {
 	p, err := s.path(key)
 	if err != nil {
 		return err
@@ -289,17 +296,17 @@ func (s *Store) Put(key string, b []byte) error {
 	if _, err := os.Lstat(p); err == nil {
 		return nil // content-addressed: what is there is the same
 	}
-	c := cost(len(b))
+	c := diskCost(size)
 	if c > s.max {
-		return fmt.Errorf("put %s (%d bytes): %w", key, len(b), ErrTooLarge)
+		return fmt.Errorf("put %s (an entry of %d bytes): %w", key, size, ErrTooLarge)
 	}
-	f, err := s.reserve(c, int64(len(b))+headerSize)
+	f, err := s.reserve(c, size)
 	if err != nil {
 		return fmt.Errorf("put %s: %w", key, err)
 	}
 	tmp := f.Name()
 	defer os.Remove(tmp)
-	if err := s.write(f, p, b); err != nil {
+	if err := write(f, p); err != nil {
 		s.release(c)
 		if errors.Is(err, fs.ErrExist) {
 			return nil // another writer won
