@@ -422,16 +422,13 @@ func getManifest(ctx context.Context, r name.Reference, platform *v1.Platform, o
 		desc *remote.Descriptor
 		err  error
 	}
-	slowCtx, cancelSlow := context.WithCancel(ctx)
-	slowWon := false
-	defer func() {
-		if !slowWon {
-			cancelSlow()
-		}
-	}()
+	// The authenticated path is not cancelled when the anonymous one wins:
+	// cancelling its ping while the blob transport's ping to the same
+	// host was under way failed that one too (seen once in CI as
+	// "authenticate: ... context canceled"). It costs one request.
 	slow := make(chan got, 1)
 	go func() {
-		d, err := remote.Get(r, remote.WithContext(slowCtx), remote.WithAuthFromKeychain(o.keychain),
+		d, err := remote.Get(r, remote.WithContext(ctx), remote.WithAuthFromKeychain(o.keychain),
 			remote.WithTransport(base), remote.WithPlatform(*platform))
 		slow <- got{d, err}
 	}()
@@ -468,7 +465,6 @@ func getManifest(ctx context.Context, r name.Reference, platform *v1.Platform, o
 					return f.desc, nil
 				}
 			}
-			slowWon = g.err == nil
 			return g.desc, g.err
 		}
 	}
