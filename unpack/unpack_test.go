@@ -163,6 +163,20 @@ func TestTar(t *testing.T) {
 				}
 			},
 		}, false},
+		{"xattrs on the layer root", []lt.Entry{
+			lt.Dir("./", lt.Mode(0o711), lt.Xattr("user.root", "r"), lt.Xattr("trusted.root", "t"), lt.Xattr("trusted.overlay.opaque", "y")),
+			lt.FileString("f", "f"),
+		}, []check{
+			xattr("", "user.root", "r"),
+			xattr("", "trusted.root", "t"),
+			xattr("", "trusted.overlay.opaque", ""),
+			isFile("f", "f", 0o644, 0, 0),
+			func(t *testing.T, l string) {
+				if st := lstat(t, l); st.Mode&0o7777 != 0o711 {
+					t.Errorf("layer root: mode %o, want 711", st.Mode&0o7777)
+				}
+			},
+		}, false},
 		{"whiteouts", []lt.Entry{
 			lt.Dir("a"),
 			lt.Whiteout("a/gone"),
