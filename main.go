@@ -294,7 +294,7 @@ func serve(c *cli.Context, ref, target string, ready func(error), mounted func(*
 	// The memory cache is most of the heap: a soft limit a little above it
 	// makes the GC work harder before RSS passes budget + 64 MiB.
 	debug.SetMemoryLimit(memory + memorySlack)
-	unpacked := unpack.NewStore(c.String("cache-dir"), unpack.WithOpaqueXattr(mount.OpaqueXattr()), unpack.WithFileWhiteouts(mount.Rootless()))
+	unpacked := unpackStore(c.String("cache-dir"))
 	// The unpacked layers share --cache-max-disk with the chunk store.
 	unpackedUsage := &cachedUsage{f: unpacked.Usage, every: time.Second}
 	store, err := openStore(c, logger, lru.WithExternalUsage(unpackedUsage.get))
@@ -513,6 +513,13 @@ func shareKey(cacheDir, layer, toc string, skipVerify bool) string {
 // the Go runtime collects garbage aggressively: TOC trees, buffers of
 // reads in flight, the runtime itself.
 const memorySlack = 40 << 20
+
+// unpackStore is the store of the layers unpacked in cacheDir for the
+// overlay this process mounts with: kernel overlayfs as root,
+// fuse-overlayfs otherwise (file whiteouts, user.overlay.opaque).
+func unpackStore(cacheDir string) *unpack.Store {
+	return unpack.NewStore(cacheDir, unpack.WithOpaqueXattr(mount.OpaqueXattr()), unpack.WithFileWhiteouts(mount.Rootless()))
+}
 
 // openStore opens the disk cache in the cache dir, or returns nil when
 // --cache-max-disk is 0.
