@@ -525,6 +525,13 @@ func TestStoreHoldPrune(t *testing.T) {
 			t.Errorf("layer %d = %+v", i, l)
 		}
 	}
+	var sum int64
+	for _, l := range ls {
+		sum += l.Bytes
+	}
+	if u, err := s.Usage(); err != nil || u != sum {
+		t.Errorf("Usage = %d, %v; want %d, the layers' sum", u, err, sum)
+	}
 	if _, err := s.Remove(dgsts[1]); !errors.Is(err, ErrBusy) {
 		t.Errorf("Remove of a held layer: %v", err)
 	}
