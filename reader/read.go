@@ -493,7 +493,7 @@ func readChunk(c *chunk, r io.Reader, unit string) ([]byte, error) {
 	if _, err := io.CopyN(io.Discard, r, c.inner); err != nil {
 		return nil, fmt.Errorf("%w: %s at %d ends before inner offset %d: %v", ErrCorrupt, unit, c.blobOff, c.inner, err)
 	}
-	data := make([]byte, c.size)
+	data := newBuffer(c.size)
 	if _, err := io.ReadFull(r, data); err != nil {
 		return nil, fmt.Errorf("%w: %s at %d holds less than the %d bytes the TOC declares: %v", ErrCorrupt, unit, c.blobOff, c.size, err)
 	}
