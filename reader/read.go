@@ -479,6 +479,9 @@ func decode(c *chunk, comp []byte) ([]byte, error) {
 	if c.inner+c.size > int64(len(comp))*1032+1024 {
 		return nil, fmt.Errorf("%w: chunk at blob offset %d declares %d bytes, more than %d compressed bytes can hold", ErrCorrupt, c.blobOff, c.inner+c.size, len(comp))
 	}
+	if data, ok := storedChunk(comp, c.inner, c.size); ok {
+		return data, verifyDigest(c, data)
+	}
 	zr, err := gzip.NewReader(bytes.NewReader(comp))
 	if err != nil {
 		return nil, fmt.Errorf("%w: blob bytes %d-%d are not gzip: %v", ErrCorrupt, c.blobOff, c.blobEnd-1, err)
