@@ -31,6 +31,7 @@ test: have-deps
 	$(GO) test -count=1 -timeout 45m .
 	$(GO) test -run XXX -fuzz '^FuzzTOC$$' -fuzztime 20s ./reader
 	$(GO) test -run XXX -fuzz '^FuzzParseTOC$$' -fuzztime 20s ./reader
+	$(GO) test -run XXX -fuzz '^FuzzTree$$' -fuzztime 20s -fuzzminimizetime 2s ./reader
 	$(GO) test -run XXX -fuzz '^FuzzDecode$$' -fuzztime 20s ./reader
 	$(GO) test -run XXX -fuzz '^FuzzStored$$' -fuzztime 10s -fuzzminimizetime 2s ./reader
 	$(GO) test -run XXX -fuzz '^FuzzOpen$$' -fuzztime 20s -fuzzminimizetime 2s ./reader

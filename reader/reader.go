@@ -209,14 +209,6 @@ func openTail(ctx context.Context, b Blob, o *options, tb *tailBlob, early bool)
 		}
 		return nil, nil, err
 	}
-	toc, err := parseTOC(tocJSON)
-	if err != nil {
-		return fail(fmt.Errorf("open %s: %w", o.name, err))
-	}
-	er, err := openParsedTOC(size, &parsedTOC{toc: toc, digest: tocDigest})
-	if err != nil {
-		return fail(fmt.Errorf("open %s: parse TOC: %w", o.name, err))
-	}
 	l := &Layer{
 		name:      o.name,
 		blob:      b,
@@ -226,7 +218,7 @@ func openTail(ctx context.Context, b Blob, o *options, tb *tailBlob, early bool)
 		tocOffset: tocOffset,
 		demand:    o.demand,
 	}
-	if err := l.build(er, o.opaqueXattr, !o.skipVerify); err != nil {
+	if err := l.buildTree(tocJSON, size, o.opaqueXattr, !o.skipVerify); err != nil {
 		return fail(fmt.Errorf("open %s: %w", o.name, err))
 	}
 	if er0 != nil && l.prefetch != int64(len(er0.buf)) {
@@ -352,12 +344,34 @@ func readTOCJSON(region []byte) ([]byte, error) {
 	}
 }
 
-// parseTOC decodes TOC JSON into the estargz library's form, one entry at
-// a time, checking the limits the library trusts when it allocates as it
-// goes: at most MaxEntries entries, and no file whose chunk list (sized by
-// size/chunkSize) would exceed it.
+// buildTree decodes TOC JSON into l's tree (tree.go), entry by entry,
+// checking the limits: at most MaxEntries entries, and no file whose chunk
+// list (sized by size/chunkSize) would exceed it. The form estargz writes
+// is decoded in one pass (tocjson.go); any other JSON with encoding/json.
+func (l *Layer) buildTree(tocJSON []byte, size int64, opaqueXattr string, verify bool) error {
+	b := newTreeBuilder(l, size, opaqueXattr, verify)
+	_, err := scanTOC(tocJSON, b.add)
+	if err == errSlowPath {
+		toc, err := parseTOCSlow(tocJSON)
+		if err != nil {
+			return err
+		}
+		b = newTreeBuilder(l, size, opaqueXattr, verify)
+		for _, e := range toc.Entries {
+			if err := b.add(e); err != nil {
+				return err
+			}
+		}
+	} else if err != nil {
+		return fmt.Errorf("TOC JSON: %w", err)
+	}
+	return b.finish()
+}
+
+// parseTOC decodes TOC JSON into the estargz library's form, for tests
+// that compare decoders.
 func parseTOC(b []byte) (*estargz.JTOC, error) {
-	toc, err := parseTOCFast(b) // tocjson.go
+	toc, err := parseTOCFast(b)
 	if err == errSlowPath {
 		return parseTOCSlow(b)
 	}

@@ -403,7 +403,7 @@ func TestHostileTOC(t *testing.T) {
 		{"bad chunk digest", []*estargz.TOCEntry{reg("f", 10, 5, func(e *estargz.TOCEntry) { e.ChunkDigest = "md5:zz" })}, "bad chunk digest"},
 		{"unknown type", []*estargz.TOCEntry{{Name: "x", Type: "socket"}}, "unknown entry type"},
 		{"device out of range", []*estargz.TOCEntry{{Name: "d", Type: "char", DevMajor: 1 << 20}}, "out of range"},
-		{"hardlink to a missing entry", []*estargz.TOCEntry{{Name: "l", Type: "hardlink", LinkName: "nowhere"}}, "isn't found"},
+		{"hardlink to a missing entry", []*estargz.TOCEntry{{Name: "l", Type: "hardlink", LinkName: "nowhere"}}, "not in the layer"},
 		{"hardlink to a directory", []*estargz.TOCEntry{{Name: "d", Type: "dir"}, {Name: "l", Type: "hardlink", LinkName: "d"}}, "hardlink to a directory"},
 		{"too deep", deep(MaxDepth + 2), "nested deeper"},
 		{"dot-dot and absolute names are confined", []*estargz.TOCEntry{{Name: "../../etc", Type: "dir"}, {Name: "/abs", Type: "dir"}}, ""},

@@ -249,19 +249,38 @@ func (s *tocScanner) entry(e *estargz.TOCEntry) error {
 	})
 }
 
-// parseTOCFast decodes TOC JSON in the form estargz writes it, checking
-// limits as parseEntries does, or returns errSlowPath.
-func parseTOCFast(b []byte) (*estargz.JTOC, error) {
+// scanTOC decodes TOC JSON in the form estargz writes it, calling add
+// with each entry in turn, checking limits as parseEntries does, or
+// returns errSlowPath. The entry passed to add is reused for the next
+// one: add must copy what it keeps (maps and strings it may keep).
+func scanTOC(b []byte, add func(*estargz.TOCEntry) error) (version int, err error) {
 	s := &tocScanner{b: b}
-	toc := new(estargz.JTOC)
-	err := s.object(func(k []byte) error {
+	seen := false
+	err = s.object(func(k []byte) error {
 		switch string(k) {
 		case "version":
-			return s.setIntInt(&toc.Version)
+			return s.setIntInt(&version)
 		case "entries":
-			return s.entries(toc)
+			if seen {
+				return errSlowPath // a second array replaces the first
+			}
+			seen = true
+			return s.entries(add)
 		}
 		return errSlowPath
+	})
+	return version, err
+}
+
+// parseTOCFast is scanTOC collecting the entries, for the tests that hold
+// it to encoding/json.
+func parseTOCFast(b []byte) (*estargz.JTOC, error) {
+	toc := new(estargz.JTOC)
+	var err error
+	toc.Version, err = scanTOC(b, func(e *estargz.TOCEntry) error {
+		c := *e
+		toc.Entries = append(toc.Entries, &c)
+		return nil
 	})
 	if err != nil {
 		return nil, err
@@ -269,9 +288,8 @@ func parseTOCFast(b []byte) (*estargz.JTOC, error) {
 	return toc, nil
 }
 
-// entries reads the entries array (or a null) into toc, replacing any.
-func (s *tocScanner) entries(toc *estargz.JTOC) error {
-	toc.Entries = nil
+// entries reads the entries array (or a null), passing each to add.
+func (s *tocScanner) entries(add func(*estargz.TOCEntry) error) error {
 	if s.null() {
 		return nil
 	}
@@ -282,18 +300,21 @@ func (s *tocScanner) entries(toc *estargz.JTOC) error {
 		s.i++
 		return nil
 	}
-	for {
-		if len(toc.Entries) == MaxEntries {
+	var e estargz.TOCEntry
+	for n := 0; ; n++ {
+		if n == MaxEntries {
 			return errSlowPath // let the general decoder word it
 		}
-		e := new(estargz.TOCEntry)
-		if err := s.entry(e); err != nil {
+		e = estargz.TOCEntry{}
+		if err := s.entry(&e); err != nil {
 			return err
 		}
-		if err := checkEntry(len(toc.Entries), e); err != nil {
+		if err := checkEntry(n, &e); err != nil {
 			return err
 		}
-		toc.Entries = append(toc.Entries, e)
+		if err := add(&e); err != nil {
+			return err
+		}
 		switch s.peek() {
 		case ',':
 			s.i++

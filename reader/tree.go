@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"os"
 	"path"
+	"slices"
 	"sort"
 	"strings"
 	"time"
@@ -90,203 +91,176 @@ func (n *Node) Path() string {
 	return "/" + strings.Join(parts, "/")
 }
 
-// build turns the parsed TOC into the node tree.
-func (l *Layer) build(er *estargz.Reader, opaqueXattr string, verify bool) error {
-	rootEnt, ok := er.Lookup("")
-	if !ok || rootEnt.Type != "dir" {
-		return fmt.Errorf("TOC has no root directory")
+// The tree is built from TOC entries as they are decoded, in TOC order,
+// reading the TOC as the estargz library's Reader does: names are cleaned,
+// a "chunk" entry belongs to the entry before it, a chunk's compressed
+// bytes end where the next entry's data starts, missing parent
+// directories are made (0755, root), hardlinks resolve to the last entry
+// of their target's name, and of entries with one name the last wins.
+// Unlike the library's Reader it keeps no entry: each becomes a Node as it
+// comes, so a TOC of 200 000 entries is held as the tree alone, not also
+// as the library's structs and their index (issue: RSS within budget +
+// 64 MiB). Errors about an entry name the entry; the rest of the checks
+// run on what the tree reaches from the root.
+
+// tocItem is one non-chunk entry: its node, or for a hardlink its target.
+type tocItem struct {
+	name string // cleaned
+	node *Node  // nil for a hardlink
+	link string // a hardlink's target, cleaned
+}
+
+// treeBuilder builds a layer's tree; add each entry in TOC order, then
+// finish.
+type treeBuilder struct {
+	l           *Layer
+	size        int64 // blob size: where the data of the last entry ends
+	opaqueXattr string
+	verify      bool // every chunk must carry a digest
+
+	items    []tocItem
+	byName   map[string]int32 // index in items of the last entry of each name
+	last     *Node            // the last non-chunk entry's node: chunk entries belong to it
+	lastSize int64            // size of the last regular file: a chunk's default end
+	pending  []pendingChunk   // chunks waiting for the offset their data ends at
+	landmark int64            // blob offset of the prefetch landmark
+	// The library lists a file's own chunk among its chunks only when the
+	// file is chunked (0 < chunkSize < size); chunk entries after a file
+	// that is not replace its own when there are two or more. unlisted
+	// holds the files with chunk entries whose own chunk is not listed.
+	lastListed bool
+	unlisted   map[*Node]bool
+
+	nextIno uint64
+	entries int
+}
+
+// pendingChunk is chunk i of a node, its blobEnd not yet known.
+type pendingChunk struct {
+	n *Node
+	i int
+}
+
+func newTreeBuilder(l *Layer, size int64, opaqueXattr string, verify bool) *treeBuilder {
+	return &treeBuilder{l: l, size: size, opaqueXattr: opaqueXattr, verify: verify, byName: map[string]int32{}}
+}
+
+// add takes the next TOC entry. It keeps nothing of e but what it copies.
+func (b *treeBuilder) add(e *estargz.TOCEntry) error {
+	if len(b.items) >= MaxEntries {
+		return fmt.Errorf("TOC has more than %d entries", MaxEntries)
 	}
-	b := &builder{l: l, er: er, opaqueXattr: opaqueXattr, verify: verify, seen: map[*estargz.TOCEntry]*Node{}}
-	root, err := b.node(rootEnt, nil, "")
-	if err != nil {
-		return err
-	}
-	l.root = root
-	type item struct {
-		ent   *estargz.TOCEntry
-		node  *Node
-		depth int
-	}
-	stack := []item{{rootEnt, root, 0}}
-	for len(stack) > 0 {
-		it := stack[len(stack)-1]
-		stack = stack[:len(stack)-1]
-		if it.depth > MaxDepth {
-			return fmt.Errorf("directory %s is nested deeper than the limit of %d", it.node.Path(), MaxDepth)
+	// The data of every chunk seen since the last entry with data of its
+	// own ends where this entry's starts.
+	if e.Offset != 0 && e.InnerOffset == 0 {
+		for _, p := range b.pending {
+			p.n.chunks[p.i].blobEnd = e.Offset
 		}
-		subdirs, err := b.children(it.ent, it.node)
+		b.pending = b.pending[:0]
+	}
+	if e.Type == "chunk" {
+		size := e.ChunkSize
+		if size == 0 {
+			size = b.lastSize - e.ChunkOffset
+		}
+		if n := b.last; n != nil && n.Mode.IsRegular() && n.Size > 0 {
+			if !b.lastListed {
+				if b.unlisted == nil {
+					b.unlisted = map[*Node]bool{}
+				}
+				b.unlisted[n] = true
+			}
+			n.chunks = append(n.chunks, chunk{off: e.ChunkOffset, size: size, blobOff: e.Offset, inner: e.InnerOffset, digest: digest.Digest(e.ChunkDigest)})
+			b.pending = append(b.pending, pendingChunk{n, len(n.chunks) - 1})
+		}
+		return nil
+	}
+	name := cleanEntryName(e.Name)
+	if e.Type == "reg" {
+		b.lastSize = e.Size
+	}
+	it := tocItem{name: name}
+	if e.Type == "hardlink" {
+		it.link = cleanEntryName(e.LinkName)
+	} else {
+		n, err := b.newNode(e, name)
 		if err != nil {
 			return err
 		}
-		for i := len(subdirs) - 1; i >= 0; i-- {
-			stack = append(stack, item{subdirs[i].ent, subdirs[i].node, it.depth + 1})
-		}
+		it.node = n
 	}
-	l.nodes = int(b.nextIno)
-	l.entries = b.entries
+	b.last = it.node
+	b.byName[name] = int32(len(b.items))
+	b.items = append(b.items, it)
+	if name == estargz.PrefetchLandmark && e.Type == "reg" {
+		b.landmark = e.Offset
+	}
 	return nil
 }
 
-type builder struct {
-	l           *Layer
-	er          *estargz.Reader
-	opaqueXattr string
-	verify      bool                        // every chunk must carry a digest
-	seen        map[*estargz.TOCEntry]*Node // hardlink groups share a node
-	nextIno     uint64
-	entries     int
-}
-
-type subdir struct {
-	ent  *estargz.TOCEntry
-	node *Node
-}
-
-// children fills dir's entries from ent's and returns the subdirectories to
-// descend into.
-func (b *builder) children(ent *estargz.TOCEntry, dir *Node) ([]subdir, error) {
-	type named struct {
-		name string
-		ent  *estargz.TOCEntry
+// newNode makes the node of entry e, named name, with its chunks as the
+// TOC lists them (checked when the tree reaches the node).
+func (b *treeBuilder) newNode(e *estargz.TOCEntry, name string) (*Node, error) {
+	if e.UID < 0 || e.GID < 0 || int64(e.UID) > 1<<32-1 || int64(e.GID) > 1<<32-1 {
+		return nil, fmt.Errorf("/%s: owner %d:%d out of range", name, e.UID, e.GID)
 	}
-	var real, whiteouts []named
-	opaque := false
-	ent.ForeachChild(func(name string, c *estargz.TOCEntry) bool {
-		switch {
-		case dir.parent == nil && (name == estargz.PrefetchLandmark || name == estargz.NoPrefetchLandmark):
-			if name == estargz.PrefetchLandmark {
-				b.l.prefetch = c.Offset
-			}
-		case name == whiteoutOpaque:
-			opaque = true
-		case strings.HasPrefix(name, whiteoutPrefix):
-			if t := name[len(whiteoutPrefix):]; validName(t) {
-				whiteouts = append(whiteouts, named{t, c})
-			}
-		case validName(name):
-			real = append(real, named{name, c})
-		}
-		return true
-	})
-	if opaque {
-		if dir.Xattrs == nil {
-			dir.Xattrs = map[string][]byte{}
-		}
-		dir.Xattrs[b.opaqueXattr] = []byte("y")
+	mt, _ := time.Parse(time.RFC3339, e.ModTime3339)
+	if mt.IsZero() {
+		mt = time.Unix(0, 0) // as a tar header of 0 gives
 	}
-	sort.Slice(real, func(i, j int) bool { return real[i].name < real[j].name })
-	sort.Slice(whiteouts, func(i, j int) bool { return whiteouts[i].name < whiteouts[j].name })
-
-	var subdirs []subdir
-	names := make(map[string]bool, len(real))
-	for _, c := range real {
-		names[c.name] = true
-		if _, dup := b.seen[c.ent]; dup && c.ent.Type == "dir" {
-			return nil, fmt.Errorf("%s: a directory with two names (hardlink to a directory)", path.Join(dir.Path(), c.name))
-		}
-		n, err := b.node(c.ent, dir, c.name)
-		if err != nil {
-			return nil, err
-		}
-		if n.IsDir() {
-			dir.Nlink++
-			subdirs = append(subdirs, subdir{c.ent, n})
-		}
-		dir.children = append(dir.children, Dirent{c.name, n})
-	}
-	// A whiteout hides the name in lower layers. A real entry of the same
-	// name in this layer takes its place in the overlay anyway, so it wins.
-	for _, w := range whiteouts {
-		if names[w.name] {
-			continue
-		}
-		names[w.name] = true
-		b.nextIno++
-		b.entries++
-		n := &Node{
-			Ino:    b.nextIno,
-			Mode:   os.ModeDevice | os.ModeCharDevice,
-			MTime:  mtime(w.ent),
-			Nlink:  1,
-			name:   w.name,
-			parent: dir,
-		}
-		dir.children = append(dir.children, Dirent{w.name, n})
-	}
-	sort.Slice(dir.children, func(i, j int) bool { return dir.children[i].Name < dir.children[j].Name })
-	return subdirs, nil
-}
-
-// validName reports whether name can be a directory entry.
-func validName(name string) bool {
-	return name != "" && name != "." && name != ".." && !strings.ContainsAny(name, "/\x00") && len(name) <= 255
-}
-
-// node returns the node for ent, creating it on first sight.
-func (b *builder) node(ent *estargz.TOCEntry, parent *Node, name string) (*Node, error) {
-	if n, ok := b.seen[ent]; ok {
-		n.Nlink++
-		return n, nil
-	}
-	b.entries++
-	if b.entries > MaxEntries {
-		return nil, fmt.Errorf("TOC has more than %d entries", MaxEntries)
-	}
-	b.nextIno++
-	n := &Node{
-		Ino:    b.nextIno,
-		UID:    uint32(ent.UID),
-		GID:    uint32(ent.GID),
-		MTime:  mtime(ent),
-		Nlink:  1,
-		name:   name,
-		parent: parent,
-	}
-	if ent.UID < 0 || ent.GID < 0 || int64(ent.UID) > 1<<32-1 || int64(ent.GID) > 1<<32-1 {
-		return nil, fmt.Errorf("%s: owner %d:%d out of range", path.Join(parentPath(parent), name), ent.UID, ent.GID)
-	}
-	perm := os.FileMode(ent.Mode & 0o777)
-	if ent.Mode&0o4000 != 0 {
+	n := &Node{UID: uint32(e.UID), GID: uint32(e.GID), MTime: mt}
+	perm := os.FileMode(e.Mode & 0o777)
+	if e.Mode&0o4000 != 0 {
 		perm |= os.ModeSetuid
 	}
-	if ent.Mode&0o2000 != 0 {
+	if e.Mode&0o2000 != 0 {
 		perm |= os.ModeSetgid
 	}
-	if ent.Mode&0o1000 != 0 {
+	if e.Mode&0o1000 != 0 {
 		perm |= os.ModeSticky
 	}
-	switch ent.Type {
+	switch e.Type {
 	case "dir":
 		n.Mode = os.ModeDir | perm
-		n.Nlink = 2
 	case "reg":
 		n.Mode = perm
-		if ent.Size < 0 {
-			return nil, fmt.Errorf("%s: negative size %d", n.Path(), ent.Size)
+		if e.Size < 0 {
+			return nil, fmt.Errorf("/%s: negative size %d", name, e.Size)
 		}
-		n.Size = ent.Size
-		if err := b.chunks(ent, n); err != nil {
-			return nil, err
+		n.Size = e.Size
+		if e.Size > 0 {
+			// The file's first chunk, or the whole file in one.
+			c := chunk{size: e.ChunkSize, blobOff: e.Offset, inner: e.InnerOffset, digest: digest.Digest(e.ChunkDigest)}
+			b.lastListed = c.size > 0 && c.size < e.Size
+			if !b.lastListed {
+				c.size = e.Size
+				if c.digest == "" {
+					c.digest = digest.Digest(e.Digest)
+				}
+			}
+			c.off = e.ChunkOffset
+			n.chunks = []chunk{c}
+			b.pending = append(b.pending, pendingChunk{n, 0})
 		}
 	case "symlink":
 		n.Mode = os.ModeSymlink | perm
-		n.Link = ent.LinkName
-		n.Size = int64(len(ent.LinkName))
+		n.Link = e.LinkName
+		n.Size = int64(len(e.LinkName))
 	case "char", "block":
 		n.Mode = os.ModeDevice | perm
-		if ent.Type == "char" {
+		if e.Type == "char" {
 			n.Mode |= os.ModeCharDevice
 		}
-		if ent.DevMajor < 0 || ent.DevMinor < 0 || ent.DevMajor >= 1<<12 || ent.DevMinor >= 1<<20 {
-			return nil, fmt.Errorf("%s: device %d:%d out of range", n.Path(), ent.DevMajor, ent.DevMinor)
+		if e.DevMajor < 0 || e.DevMinor < 0 || e.DevMajor >= 1<<12 || e.DevMinor >= 1<<20 {
+			return nil, fmt.Errorf("/%s: device %d:%d out of range", name, e.DevMajor, e.DevMinor)
 		}
-		n.Major, n.Minor = uint32(ent.DevMajor), uint32(ent.DevMinor)
+		n.Major, n.Minor = uint32(e.DevMajor), uint32(e.DevMinor)
 	case "fifo":
 		n.Mode = os.ModeNamedPipe | perm
 	default:
-		return nil, fmt.Errorf("%s: unknown entry type %q", n.Path(), ent.Type)
+		return nil, fmt.Errorf("/%s: unknown entry type %q", name, e.Type)
 	}
-	for k, v := range ent.Xattrs {
+	for k, v := range e.Xattrs {
 		// The overlay's own xattrs are never image content: a layer must
 		// not be able to redirect or make opaque what the overlay shows,
 		// nor (fuse-overlayfs) override owners and modes.
@@ -299,57 +273,268 @@ func (b *builder) node(ent *estargz.TOCEntry, parent *Node, name string) (*Node,
 		}
 		n.Xattrs[k] = v
 	}
-	b.seen[ent] = n
 	return n, nil
 }
 
-func parentPath(p *Node) string {
-	if p == nil {
-		return "/"
-	}
-	return p.Path()
+// cleanEntryName is a TOC entry's name as the estargz library reads it:
+// cleaned, relative to the root ("" for the root itself).
+func cleanEntryName(name string) string {
+	return strings.TrimPrefix(path.Clean("/"+name), "/")
 }
 
-// chunks records where a regular file's bytes are, checking that the TOC's
-// chunks tile the file and stay inside the blob's data.
-func (b *builder) chunks(ent *estargz.TOCEntry, n *Node) error {
-	if ent.Size == 0 {
-		return nil
+// dir returns the node of directory d, making it (and its parents) if no
+// entry names it; the node of an entry that is not a directory comes back
+// as it is, and gets no children.
+func (b *treeBuilder) dir(d string) *Node {
+	if i, ok := b.byName[d]; ok {
+		return b.items[i].node // nil for a hardlink: no children either
 	}
-	for off := int64(0); off < ent.Size; {
-		c, ok := b.er.ChunkEntryForOffset(ent.Name, off)
-		if !ok || c.ChunkOffset != off || c.ChunkSize <= 0 {
-			return fmt.Errorf("%s: TOC chunks do not cover byte %d of %d", n.Path(), off, ent.Size)
+	n := &Node{Mode: os.ModeDir | 0o755, MTime: time.Unix(0, 0)}
+	b.byName[d] = int32(len(b.items))
+	b.items = append(b.items, tocItem{name: d, node: n})
+	if d != "" {
+		if p := b.dir(parentDir(d)); p != nil && p.IsDir() {
+			p.children = append(p.children, Dirent{path.Base(d), n})
 		}
-		size := min(c.ChunkSize, ent.Size-off)
-		end := min(c.NextOffset(), b.l.tocOffset)
-		switch {
-		case size > MaxChunkSize:
-			return fmt.Errorf("%s: chunk of %d bytes exceeds the limit of %d", n.Path(), size, MaxChunkSize)
-		case c.InnerOffset > MaxChunkSize:
-			return fmt.Errorf("%s: chunk inner offset %d exceeds the limit of %d", n.Path(), c.InnerOffset, MaxChunkSize)
-		case c.Offset <= 0 || c.Offset >= end || c.InnerOffset < 0:
-			return fmt.Errorf("%s: chunk at blob offset %d (inner %d, end %d) lies outside the layer data", n.Path(), c.Offset, c.InnerOffset, end)
+	}
+	return n
+}
+
+func parentDir(p string) string {
+	dir, _ := path.Split(p)
+	return strings.TrimSuffix(dir, "/")
+}
+
+// resolve follows hardlink item i to the node it names.
+func (b *treeBuilder) resolve(i int32) (*Node, error) {
+	seen := map[int32]bool{}
+	for b.items[i].node == nil {
+		if seen[i] {
+			return nil, fmt.Errorf("/%s: cyclic hardlink", b.items[i].name)
 		}
-		var d digest.Digest
-		switch {
-		case c.ChunkDigest != "":
-			d = digest.Digest(c.ChunkDigest)
-		case off == 0 && size == ent.Size && ent.Digest != "":
-			d = digest.Digest(ent.Digest)
+		seen[i] = true
+		j, ok := b.byName[b.items[i].link]
+		if !ok {
+			return nil, fmt.Errorf("/%s is a hardlink to %q, which is not in the layer", b.items[i].name, b.items[i].link)
 		}
-		if d == "" && b.verify {
-			return fmt.Errorf("%s: chunk at byte %d has no digest to verify it with", n.Path(), off)
+		i = j
+	}
+	return b.items[i].node, nil
+}
+
+// finish ends the data of the last chunks at the blob's end, links every
+// entry into its directory and walks the tree from the root, numbering
+// inodes, counting links and checking what it reaches.
+func (b *treeBuilder) finish() error {
+	for _, p := range b.pending {
+		p.n.chunks[p.i].blobEnd = b.size
+	}
+	b.pending = nil
+	if len(b.items) == 0 {
+		b.dir("")
+	}
+	for i, k := 0, len(b.items); i < k; i++ {
+		it := b.items[i]
+		if it.name == "" {
+			continue // the root
 		}
-		if d != "" && !isSHA256(d) {
-			if err := d.Validate(); err != nil {
-				return fmt.Errorf("%s: bad chunk digest %q: %w", n.Path(), d, err)
+		n := it.node
+		if n == nil {
+			var err error
+			if n, err = b.resolve(int32(i)); err != nil {
+				return err
 			}
 		}
-		n.chunks = append(n.chunks, chunk{off: off, size: size, blobOff: c.Offset, blobEnd: end, inner: c.InnerOffset, digest: d, zstd: b.l.zstd})
-		off += size
+		if p := b.dir(parentDir(it.name)); p != nil && p.IsDir() {
+			p.children = append(p.children, Dirent{path.Base(it.name), n})
+		}
+	}
+	root := b.items[b.byName[""]].node
+	if root == nil || !root.IsDir() {
+		return fmt.Errorf("TOC has no root directory")
+	}
+	b.items, b.byName = nil, nil // the tree holds what is left
+	b.visit(root, nil, "")
+	b.l.root = root
+	type item struct {
+		node  *Node
+		depth int
+	}
+	stack := []item{{root, 0}}
+	for len(stack) > 0 {
+		it := stack[len(stack)-1]
+		stack = stack[:len(stack)-1]
+		if it.depth > MaxDepth {
+			return fmt.Errorf("directory %s is nested deeper than the limit of %d", it.node.Path(), MaxDepth)
+		}
+		subdirs, err := b.children(it.node)
+		if err != nil {
+			return err
+		}
+		for i := len(subdirs) - 1; i >= 0; i-- {
+			stack = append(stack, item{subdirs[i], it.depth + 1})
+		}
+	}
+	b.l.nodes = int(b.nextIno)
+	b.l.entries = b.entries
+	return nil
+}
+
+// visit numbers n, first reached as name in parent, and checks its chunks.
+func (b *treeBuilder) visit(n *Node, parent *Node, name string) error {
+	b.entries++
+	if b.entries > MaxEntries {
+		return fmt.Errorf("TOC has more than %d entries", MaxEntries)
+	}
+	b.nextIno++
+	n.Ino, n.name, n.parent = b.nextIno, name, parent
+	n.Nlink = 1
+	if n.IsDir() {
+		n.Nlink = 2
+	}
+	if n.Mode.IsRegular() {
+		return b.chunks(n)
+	}
+	return nil
+}
+
+// children puts dir's entries in order, with the whiteouts, opaque marker
+// and landmarks taken out, and returns the subdirectories to descend
+// into.
+func (b *treeBuilder) children(dir *Node) ([]*Node, error) {
+	// Of entries with one name the last wins: a stable sort keeps TOC
+	// order among them.
+	all := dir.children
+	dir.children = nil
+	sort.SliceStable(all, func(i, j int) bool { return all[i].Name < all[j].Name })
+	var real, whiteouts []Dirent
+	opaque := false
+	for i, c := range all {
+		if i+1 < len(all) && all[i+1].Name == c.Name {
+			continue
+		}
+		name := c.Name
+		switch {
+		case dir.parent == nil && (name == estargz.PrefetchLandmark || name == estargz.NoPrefetchLandmark):
+			if name == estargz.PrefetchLandmark {
+				b.l.prefetch = b.landmark
+			}
+		case name == whiteoutOpaque:
+			opaque = true
+		case strings.HasPrefix(name, whiteoutPrefix):
+			if t := name[len(whiteoutPrefix):]; validName(t) {
+				whiteouts = append(whiteouts, Dirent{t, c.Node})
+			}
+		case validName(name):
+			real = append(real, c)
+		}
+	}
+	if opaque {
+		if dir.Xattrs == nil {
+			dir.Xattrs = map[string][]byte{}
+		}
+		dir.Xattrs[b.opaqueXattr] = []byte("y")
+	}
+
+	var subdirs []*Node
+	names := make(map[string]bool, len(real))
+	for _, c := range real {
+		names[c.Name] = true
+		n := c.Node
+		if n.Ino != 0 { // a hardlink group's further name
+			if n.IsDir() {
+				return nil, fmt.Errorf("%s: a directory with two names (hardlink to a directory)", path.Join(dir.Path(), c.Name))
+			}
+			n.Nlink++
+		} else {
+			if err := b.visit(n, dir, c.Name); err != nil {
+				return nil, err
+			}
+			if n.IsDir() {
+				dir.Nlink++
+				subdirs = append(subdirs, n)
+			}
+		}
+		dir.children = append(dir.children, c)
+	}
+	// A whiteout hides the name in lower layers. A real entry of the same
+	// name in this layer takes its place in the overlay anyway, so it wins.
+	for _, w := range whiteouts {
+		if names[w.Name] {
+			continue
+		}
+		names[w.Name] = true
+		b.nextIno++
+		b.entries++
+		n := &Node{
+			Ino:    b.nextIno,
+			Mode:   os.ModeDevice | os.ModeCharDevice,
+			MTime:  w.Node.MTime,
+			Nlink:  1,
+			name:   w.Name,
+			parent: dir,
+		}
+		dir.children = append(dir.children, Dirent{w.Name, n})
+	}
+	sort.Slice(dir.children, func(i, j int) bool { return dir.children[i].Name < dir.children[j].Name })
+	dir.children = slices.Clip(dir.children)
+	return subdirs, nil
+}
+
+// validName reports whether name can be a directory entry.
+func validName(name string) bool {
+	return name != "" && name != "." && name != ".." && !strings.ContainsAny(name, "/\x00") && len(name) <= 255
+}
+
+// chunks checks a regular file's chunks as the TOC listed them: they must
+// tile the file from byte 0 and stay inside the blob's data. The first
+// chunk at each offset is used, as the estargz library does.
+func (b *treeBuilder) chunks(n *Node) error {
+	listed := n.chunks
+	n.chunks = nil
+	if n.Size == 0 {
+		return nil
+	}
+	if b.unlisted[n] {
+		if len(listed) > 2 {
+			listed = listed[1:] // the chunk entries alone
+		} else {
+			listed = listed[:1] // one chunk entry: the file's own chunk
+		}
+	}
+	for off := int64(0); off < n.Size; {
+		i := sort.Search(len(listed), func(i int) bool {
+			c := listed[i]
+			return c.off >= off || (off > c.off && off < c.off+c.size)
+		})
+		if i == len(listed) || listed[i].off != off || listed[i].size <= 0 {
+			return fmt.Errorf("%s: TOC chunks do not cover byte %d of %d", n.Path(), off, n.Size)
+		}
+		c := listed[i]
+		c.size = min(c.size, n.Size-off)
+		c.blobEnd = min(c.blobEnd, b.l.tocOffset)
+		switch {
+		case c.size > MaxChunkSize:
+			return fmt.Errorf("%s: chunk of %d bytes exceeds the limit of %d", n.Path(), c.size, MaxChunkSize)
+		case c.inner > MaxChunkSize:
+			return fmt.Errorf("%s: chunk inner offset %d exceeds the limit of %d", n.Path(), c.inner, MaxChunkSize)
+		case c.blobOff <= 0 || c.blobOff >= c.blobEnd || c.inner < 0:
+			return fmt.Errorf("%s: chunk at blob offset %d (inner %d, end %d) lies outside the layer data", n.Path(), c.blobOff, c.inner, c.blobEnd)
+		}
+		if c.digest == "" && b.verify {
+			return fmt.Errorf("%s: chunk at byte %d has no digest to verify it with", n.Path(), off)
+		}
+		if c.digest != "" && !isSHA256(c.digest) {
+			if err := c.digest.Validate(); err != nil {
+				return fmt.Errorf("%s: bad chunk digest %q: %w", n.Path(), c.digest, err)
+			}
+		}
+		c.zstd = b.l.zstd
+		n.chunks = append(n.chunks, c)
+		off += c.size
 		b.entries++
 	}
+	n.chunks = slices.Clip(n.chunks)
 	return nil
 }
 
@@ -368,14 +553,4 @@ func isSHA256(d digest.Digest) bool {
 		}
 	}
 	return true
-}
-
-// mtime is the entry's modification time; an absent one is the epoch, as
-// a tar header of 0 gives.
-func mtime(e *estargz.TOCEntry) time.Time {
-	t := e.ModTime()
-	if t.IsZero() {
-		return time.Unix(0, 0)
-	}
-	return t
 }

@@ -10,7 +10,6 @@ import (
 	"strings"
 	"sync"
 
-	"github.com/containerd/stargz-snapshotter/estargz"
 	"github.com/klauspost/compress/zstd"
 	"github.com/opencontainers/go-digest"
 )
@@ -96,18 +95,7 @@ func OpenZstdChunked(ctx context.Context, b Blob, checksum digest.Digest, positi
 	if err != nil {
 		return fail("%v", err)
 	}
-	toc, err := parseTOC(tocJSON)
-	if err != nil {
-		return fail("%v", err)
-	}
 	tocDigest := digest.FromBytes(tocJSON)
-	er, err := openParsedTOC(size, &parsedTOC{toc: toc, digest: tocDigest})
-	if err != nil {
-		return fail("parse TOC: %v", err)
-	}
-	if er.TOCDigest() != tocDigest {
-		return fail("TOC was not the one verified")
-	}
 	l := &Layer{
 		name:      o.name,
 		blob:      b,
@@ -118,7 +106,7 @@ func OpenZstdChunked(ctx context.Context, b Blob, checksum digest.Digest, positi
 		demand:    o.demand,
 		zstd:      true,
 	}
-	if err := l.build(er, o.opaqueXattr, !o.skipVerify); err != nil {
+	if err := l.buildTree(tocJSON, size, o.opaqueXattr, !o.skipVerify); err != nil {
 		return nil, fmt.Errorf("open %s: %w", o.name, err)
 	}
 	return l, nil
@@ -157,45 +145,6 @@ func decompressTOC(comp []byte) ([]byte, error) {
 		return nil, fmt.Errorf("TOC decompresses to more than the limit of %d bytes", MaxTOCJSONBytes)
 	}
 	return out, nil
-}
-
-// parsedTOC is an estargz.Decompressor that hands the estargz library a
-// TOC already read and verified, whatever the blob's footer says.
-type parsedTOC struct {
-	toc    *estargz.JTOC
-	digest digest.Digest
-}
-
-func (p *parsedTOC) Reader(r io.Reader) (io.ReadCloser, error) {
-	d, err := zstd.NewReader(r)
-	if err != nil {
-		return nil, err
-	}
-	return d.IOReadCloser(), nil
-}
-func (p *parsedTOC) FooterSize() int64 { return 0 }
-func (p *parsedTOC) ParseFooter([]byte) (int64, int64, int64, error) {
-	return 0, -1, 0, nil // the TOC is "elsewhere": ParseTOC(nil) returns it
-}
-func (p *parsedTOC) ParseTOC(io.Reader) (*estargz.JTOC, digest.Digest, error) {
-	return p.toc, p.digest, nil
-}
-func (p *parsedTOC) DecompressTOC(io.Reader) (io.ReadCloser, error) {
-	return nil, fmt.Errorf("not supported")
-}
-
-// zeros is a ReaderAt of zero bytes: the estargz library reads a footer
-// from it and finds none but parsedTOC's.
-type zeros struct{}
-
-func (zeros) ReadAt(p []byte, _ int64) (int, error) {
-	clear(p)
-	return len(p), nil
-}
-
-func openParsedTOC(size int64, p *parsedTOC) (r *estargz.Reader, err error) {
-	defer recoverInto(&err)
-	return estargz.Open(io.NewSectionReader(zeros{}, 0, size), estargz.WithDecompressors(p))
 }
 
 var zstdDecoders = sync.Pool{New: func() any {
