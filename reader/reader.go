@@ -352,6 +352,8 @@ func readTOCJSON(region []byte) ([]byte, error) {
 	}
 }
 
+var errTooManyEntries = fmt.Errorf("TOC has more than the limit of %d entries", MaxEntries)
+
 // parseTOC decodes TOC JSON into the estargz library's form, one entry at
 // a time, checking the limits the library trusts when it allocates as it
 // goes: at most MaxEntries entries, and no file whose chunk list (sized by
@@ -411,7 +413,7 @@ func parseEntries(dec *json.Decoder, toc *estargz.JTOC) error {
 	}
 	for dec.More() {
 		if len(toc.Entries) == MaxEntries {
-			return fmt.Errorf("TOC has more than the limit of %d entries", MaxEntries)
+			return errTooManyEntries
 		}
 		e := new(estargz.TOCEntry)
 		if err := dec.Decode(e); err != nil {

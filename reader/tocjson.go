@@ -284,7 +284,7 @@ func (s *tocScanner) entries(toc *estargz.JTOC) error {
 	}
 	for {
 		if len(toc.Entries) == MaxEntries {
-			return errSlowPath // let the general decoder word it
+			return errTooManyEntries // the general decoder would read them all again to say so
 		}
 		e := new(estargz.TOCEntry)
 		if err := s.entry(e); err != nil {

@@ -92,9 +92,14 @@ func (n *Node) Path() string {
 
 // build turns the parsed TOC into the node tree.
 func (l *Layer) build(er *estargz.Reader, opaqueXattr string, verify bool) error {
+	// Names are cleaned, so "", ".", "/" and "a/.." all name the root;
+	// the last such entry is the root and must be a directory.
 	rootEnt, ok := er.Lookup("")
-	if !ok || rootEnt.Type != "dir" {
+	if !ok {
 		return fmt.Errorf("TOC has no root directory")
+	}
+	if rootEnt.Type != "dir" {
+		return fmt.Errorf("TOC has no root directory: an entry of type %q has an empty name (or one that cleans to the root)", rootEnt.Type)
 	}
 	b := &builder{l: l, er: er, opaqueXattr: opaqueXattr, verify: verify, seen: map[*estargz.TOCEntry]*Node{}}
 	root, err := b.node(rootEnt, nil, "")
@@ -143,7 +148,9 @@ type subdir struct {
 }
 
 // children fills dir's entries from ent's and returns the subdirectories to
-// descend into.
+// descend into. Only directories are descended into: a TOC entry under a
+// non-directory ("f/child" where f is a file or symlink) is dropped, as
+// README.md's Trust section documents.
 func (b *builder) children(ent *estargz.TOCEntry, dir *Node) ([]subdir, error) {
 	type named struct {
 		name string
