@@ -252,8 +252,15 @@ func TestVerification(t *testing.T) {
 	ctx := context.Background()
 
 	t.Run("no TOC digest is refused", func(t *testing.T) {
-		if _, err := Open(ctx, blob, WithTOCDigest("")); !errors.Is(err, ErrNoTOCDigest) {
+		_, err := Open(ctx, blob, WithTOCDigest(""))
+		if !errors.Is(err, ErrNoTOCDigest) {
 			t.Errorf("Open without digest = %v, want ErrNoTOCDigest", err)
+		}
+		// The error says which annotation is missing and how to proceed.
+		for _, want := range []string{estargz.TOCJSONDigestAnnotation + " is missing", "ctr-remote image optimize", "--insecure-skip-verify"} {
+			if err == nil || !strings.Contains(err.Error(), want) {
+				t.Errorf("Open without digest = %v, want it to say %q", err, want)
+			}
 		}
 		if _, err := Open(ctx, blob, WithInsecureSkipVerify(true)); err != nil {
 			t.Errorf("Open with skip-verify: %v", err)
