@@ -89,7 +89,7 @@ func cacheLs(c *cli.Context) error {
 		}
 		out = append(out, cachedLayer{g, kind})
 	}
-	unpacked, err := unpack.NewStore(c.String("cache-dir")).Layers()
+	unpacked, err := unpackStore(c.String("cache-dir")).Layers()
 	if err != nil {
 		return err
 	}
@@ -131,7 +131,7 @@ func cacheDu(c *cli.Context) error {
 		return err
 	}
 	fmt.Fprintf(c.App.Writer, "%s\t%d bytes\t%s\n", sizeString(n), n, s.Dir())
-	us := unpack.NewStore(c.String("cache-dir"))
+	us := unpackStore(c.String("cache-dir"))
 	u, err := us.Usage()
 	if err != nil {
 		return err
@@ -149,7 +149,7 @@ func cachePrune(c *cli.Context) error {
 	defer s.Close()
 	var freed int64
 	var busy []string
-	us := unpack.NewStore(c.String("cache-dir"))
+	us := unpackStore(c.String("cache-dir"))
 	if c.Bool("all") {
 		layers, err := us.Layers()
 		if err != nil {

@@ -398,3 +398,91 @@ func currentRSS(t *testing.T, pid int) int64 {
 	t.Fatal("no VmRSS")
 	return 0
 }
+
+// unpackedDiskBytes sums the disk blocks of the unpacked layers in the
+// cache dir, layers being unpacked included (as the unpack store counts
+// them: hard links once; not its lock, hold and size files).
+func unpackedDiskBytes(cache string) int64 {
+	var n int64
+	seen := map[uint64]bool{}
+	top := filepath.Join(cache, "layers", "sha256")
+	filepath.WalkDir(top, func(p string, d fs.DirEntry, err error) error {
+		if err != nil || p == top {
+			return nil
+		}
+		if filepath.Dir(p) == top && !d.IsDir() {
+			return nil // HEX.lock, HEX.hold, HEX.size
+		}
+		var st syscall.Stat_t
+		if syscall.Lstat(p, &st) != nil {
+			return nil
+		}
+		if st.Nlink > 1 && st.Mode&syscall.S_IFMT != syscall.S_IFDIR {
+			if seen[st.Ino] {
+				return nil
+			}
+			seen[st.Ino] = true
+		}
+		n += st.Blocks * 512
+		return nil
+	})
+	return n
+}
+
+// TestDiskBoundWithUnpackedLayers: the chunks and the unpacked layers of
+// a mount together stay within --cache-max-disk: chunks are evicted to
+// make room for the unpacked layer, which the mount holds.
+func TestDiskBoundWithUnpackedLayers(t *testing.T) {
+	needFUSE(t)
+	host := lt.InProcessRegistry(t)
+	plain := []lt.Entry{lt.File("plain", lt.Random("plain", 3<<20))}
+	want, lazy := files(16, 512<<10)
+	img, err := lt.BuildImageAs(64<<10, []lt.Format{lt.FormatGzip, lt.FormatEStargz}, plain, lazy)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ref := host + "/bound-unpacked:1"
+	lt.Push(t, img, ref)
+	const bound = 6 << 20
+	e := newEnv(t)
+	var peak, peakChunks atomic.Int64
+	done := make(chan struct{})
+	finished := make(chan struct{})
+	go func() {
+		defer close(finished)
+		for {
+			c := chunkDiskBytes(e.cache)
+			if n := c + unpackedDiskBytes(e.cache); n > peak.Load() {
+				peak.Store(n)
+			}
+			if c > peakChunks.Load() {
+				peakChunks.Store(c)
+			}
+			select {
+			case <-done:
+				return
+			case <-time.After(10 * time.Millisecond):
+			}
+		}
+	}()
+	e.mount(ref, "--cache-max-disk", strconv.Itoa(bound), "--cache-max-memory", "4MiB", "--prefetch=false")
+	checkFiles(t, e.target, want)
+	// Let the background fetch and the deferred disk writes finish.
+	time.Sleep(2 * time.Second)
+	checkFiles(t, e.target, want)
+	e.umount()
+	close(done)
+	<-finished
+	unpacked := unpackedDiskBytes(e.cache)
+	t.Logf("peak %d KiB of chunks and unpacked layers (%d KiB unpacked, chunks peak %d KiB), bound %d KiB", peak.Load()>>10, unpacked>>10, peakChunks.Load()>>10, bound>>10)
+	if unpacked < 3<<20 {
+		t.Fatalf("the plain layer takes %d bytes unpacked: not unpacked?", unpacked)
+	}
+	if peakChunks.Load() < 1<<20 {
+		t.Errorf("chunks reached only %d bytes: is the disk cache used?", peakChunks.Load())
+	}
+	if peak.Load() > bound {
+		t.Errorf("chunks and unpacked layers reached %d bytes, bound %d", peak.Load(), bound)
+	}
+	e.assertClean()
+}

@@ -116,6 +116,63 @@ func TestFormatsMatchUmoci(t *testing.T) {
 	}
 }
 
+// TestDockerSchema2MatchesUmoci mounts the corpus as an image with Docker
+// schema2 media types (manifest, config and layers: plain gzip, eStargz and
+// uncompressed) from Debian's registry and compares it with umoci's rootfs
+// of the same image.
+func TestDockerSchema2MatchesUmoci(t *testing.T) {
+	needFUSE(t)
+	reg := lt.DistributionRegistry(t)
+	img, err := lt.BuildDockerImageAs(lt.CorpusChunkSize,
+		[]lt.Format{lt.FormatGzip, lt.FormatEStargz, lt.FormatUncompressed}, lt.Corpus()...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ref := reg.Addr + "/corpus-docker:latest"
+	lt.Push(t, img, ref)
+
+	// The registry serves it as pushed: Docker media types throughout.
+	r, err := name.ParseReference(ref)
+	if err != nil {
+		t.Fatal(err)
+	}
+	desc, err := remote.Get(r)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := v1.ParseManifest(bytes.NewReader(desc.Manifest))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if desc.MediaType != types.DockerManifestSchema2 || m.Config.MediaType != types.DockerConfigJSON {
+		t.Fatalf("served as %s with config %s, want Docker schema2", desc.MediaType, m.Config.MediaType)
+	}
+	wantTypes := []types.MediaType{types.DockerLayer, types.DockerLayer, types.DockerUncompressedLayer}
+	for i, l := range m.Layers {
+		if l.MediaType != wantTypes[i] {
+			t.Errorf("layer %d is %s, want %s", i, l.MediaType, wantTypes[i])
+		}
+	}
+	if m.Layers[1].Annotations[lt.TOCDigestAnnotation] == "" {
+		t.Fatal("the eStargz layer lost its TOC digest annotation")
+	}
+
+	want := lt.UmociRootfs(t, ref)
+	e := newEnv(t)
+	e.mount(ref)
+	if diffs := lt.CompareTrees(want, e.target, lt.FormatFiles...); len(diffs) > 0 {
+		t.Errorf("%d differences between umoci's rootfs and the mount:\n%s", len(diffs), strings.Join(diffs, "\n"))
+	}
+	if n := e.fuseMounts(); n != 1 {
+		t.Errorf("%d FUSE layer mounts, want 1 (the eStargz layer)", n)
+	}
+	if n := len(e.storedLayers()); n != 2 {
+		t.Errorf("%d unpacked layers, want 2", n)
+	}
+	e.umount()
+	e.assertClean()
+}
+
 // TestPlainLayerShared mounts one plain image twice at once: both share one
 // unpacked copy of each layer.
 func TestPlainLayerShared(t *testing.T) {

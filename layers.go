@@ -11,6 +11,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/containerd/stargz-snapshotter/estargz"
 	"github.com/klauspost/compress/gzip"
@@ -175,6 +176,38 @@ func (o *layerOpener) enforceBound(chunks *lru.Store, bound int64) {
 	if used, _ := o.store.Usage(); used+other > bound {
 		o.logger.Warn("unpacked layers of live mounts exceed --cache-max-disk", "unpacked", used, "chunks", other, "max", bound)
 	}
+}
+
+// cachedUsage is f's result, asked for at most once per every (or after
+// invalidate): the chunk store asks at every write (lru.WithExternalUsage),
+// and summing the unpacked layers takes a scan and a lock probe per layer.
+// Until f first succeeds, and when it fails, it is the last good value.
+type cachedUsage struct {
+	f     func() (int64, error)
+	every time.Duration
+
+	mu sync.Mutex // guards n and at
+	n  int64
+	at time.Time // when n was taken; zero: ask f
+}
+
+func (u *cachedUsage) get() int64 {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if u.at.IsZero() || time.Since(u.at) >= u.every {
+		if n, err := u.f(); err == nil {
+			u.n = n
+		}
+		u.at = time.Now()
+	}
+	return u.n
+}
+
+// invalidate makes the next get ask f.
+func (u *cachedUsage) invalidate() {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	u.at = time.Time{}
 }
 
 // maxDownloads bounds the plain layers fetched at once, so that whole-blob

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"strings"
 	"testing"
+	"time"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/types"
@@ -56,5 +57,31 @@ func TestFormatOf(t *testing.T) {
 				t.Errorf("format %q, want %q", got, tt.want)
 			}
 		})
+	}
+}
+
+// TestCachedUsage: the unpacked layers' total is asked for once per
+// interval or after invalidate, and a failure keeps the last good value.
+func TestCachedUsage(t *testing.T) {
+	calls, n := 0, int64(100)
+	var fail error
+	u := &cachedUsage{f: func() (int64, error) { calls++; return n, fail }, every: time.Hour}
+	steps := []struct {
+		name       string
+		do         func()
+		want       int64
+		wantCalled int
+	}{
+		{"first get asks", func() {}, 100, 1},
+		{"within the interval: cached", func() { n = 200 }, 100, 1},
+		{"after invalidate: asks", func() { u.invalidate() }, 200, 2},
+		{"a failure keeps the last value", func() { n, fail = 300, errors.New("scan"); u.invalidate() }, 200, 3},
+		{"past the interval: asks", func() { fail = nil; u.at = time.Now().Add(-2 * time.Hour) }, 300, 4},
+	}
+	for _, s := range steps {
+		s.do()
+		if got := u.get(); got != s.want || calls != s.wantCalled {
+			t.Errorf("%s: get = %d after %d calls, want %d after %d", s.name, got, calls, s.want, s.wantCalled)
+		}
 	}
 }

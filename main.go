@@ -294,7 +294,10 @@ func serve(c *cli.Context, ref, target string, ready func(error), mounted func(*
 	// The memory cache is most of the heap: a soft limit a little above it
 	// makes the GC work harder before RSS passes budget + 64 MiB.
 	debug.SetMemoryLimit(memory + memorySlack)
-	store, err := openStore(c, logger)
+	unpacked := unpackStore(c.String("cache-dir"))
+	// The unpacked layers share --cache-max-disk with the chunk store.
+	unpackedUsage := &cachedUsage{f: unpacked.Usage, every: time.Second}
+	store, err := openStore(c, logger, lru.WithExternalUsage(unpackedUsage.get))
 	if err != nil {
 		return err
 	}
@@ -357,7 +360,7 @@ func serve(c *cli.Context, ref, target string, ready func(error), mounted func(*
 		img:        img,
 		blobs:      layerBlobs(img),
 		cache:      cache,
-		store:      unpack.NewStore(c.String("cache-dir"), unpack.WithOpaqueXattr(mount.OpaqueXattr()), unpack.WithFileWhiteouts(mount.Rootless())),
+		store:      unpacked,
 		skipVerify: c.Bool("insecure-skip-verify"),
 		logger:     logger,
 		opened:     prog.count("layers", len(img.Layers)),
@@ -370,6 +373,7 @@ func serve(c *cli.Context, ref, target string, ready func(error), mounted func(*
 	}
 	lowers, err := opener.open(ctx)
 	defer opener.release()
+	unpackedUsage.invalidate() // counting the layers just unpacked
 	if err != nil {
 		return err
 	}
@@ -510,9 +514,16 @@ func shareKey(cacheDir, layer, toc string, skipVerify bool) string {
 // reads in flight, the runtime itself.
 const memorySlack = 40 << 20
 
+// unpackStore is the store of the layers unpacked in cacheDir for the
+// overlay this process mounts with: kernel overlayfs as root,
+// fuse-overlayfs otherwise (file whiteouts, user.overlay.opaque).
+func unpackStore(cacheDir string) *unpack.Store {
+	return unpack.NewStore(cacheDir, unpack.WithOpaqueXattr(mount.OpaqueXattr()), unpack.WithFileWhiteouts(mount.Rootless()))
+}
+
 // openStore opens the disk cache in the cache dir, or returns nil when
 // --cache-max-disk is 0.
-func openStore(c *cli.Context, logger *slog.Logger) (*lru.Store, error) {
+func openStore(c *cli.Context, logger *slog.Logger, opts ...lru.Option) (*lru.Store, error) {
 	disk, err := parseSize(c.String("cache-max-disk"))
 	if err != nil {
 		return nil, fmt.Errorf("--cache-max-disk: %w", err)
@@ -520,7 +531,7 @@ func openStore(c *cli.Context, logger *slog.Logger) (*lru.Store, error) {
 	if disk == 0 {
 		return nil, nil
 	}
-	s, err := lru.Open(filepath.Join(c.String("cache-dir"), "chunks"), disk, lru.WithLogger(logger))
+	s, err := lru.Open(filepath.Join(c.String("cache-dir"), "chunks"), disk, append([]lru.Option{lru.WithLogger(logger)}, opts...)...)
 	if err != nil {
 		return nil, fmt.Errorf("--cache-dir: %w", err)
 	}

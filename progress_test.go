@@ -10,6 +10,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	lt "github.com/stargz-mount/stargz-mount/internal/layertest"
 )
 
 // openPTY returns the two ends of a new pseudo-terminal.
@@ -57,25 +59,41 @@ func (s *syncBuffer) String() string {
 
 // TestProgress mounts with --daemon and stderr on a terminal (progress is
 // drawn there until ready), with --quiet (none), and with stderr a pipe
-// (none).
+// (none); and an image with a plain gzip layer, whose download has a bar.
 func TestProgress(t *testing.T) {
 	needFUSE(t)
 	reg := newCountingRegistry(t)
 	ref, _, _, _ := fastImage(t, reg.addr)
+	plain, err := lt.Gzip(lt.Tar(lt.File("big", lt.Random("big", 3<<20))))
+	if err != nil {
+		t.Fatal(err)
+	}
+	plainImg, err := lt.Image(plain)
+	if err != nil {
+		t.Fatal(err)
+	}
+	plainRef := reg.addr + "/progress-plain:1"
+	lt.Push(t, plainImg, plainRef)
+	// The bar ends full, with the blob's size as a byte count.
+	mib := float64(len(plain.Data)) / (1 << 20)
+	plainSize := fmt.Sprintf("(%.1f/%.1f MiB", mib, mib)
 	tests := []struct {
 		name     string
+		ref      string
 		terminal bool
 		flags    []string
 		want     []string // in the output; nil: no output at all
 	}{
-		{"terminal", true, nil, []string{"resolving " + ref, "layers", "2/2", "prefetch"}},
-		{"quiet", true, []string{"--quiet"}, nil},
-		{"pipe", false, nil, nil},
+		{"terminal", ref, true, nil, []string{"resolving " + ref, "layers", "2/2", "prefetch"}},
+		{"quiet", ref, true, []string{"--quiet"}, nil},
+		{"pipe", ref, false, nil, nil},
+		{"plain layer on a terminal", plainRef, true, nil, []string{"resolving " + plainRef, "plain layers 100%", plainSize}},
+		{"plain layer, quiet", plainRef, true, []string{"--quiet"}, nil},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			e := newEnv(t)
-			cmd := e.cmd(append(append(tt.flags, "--daemon", "--background-fetch=false"), ref, e.target)...)
+			cmd := e.cmd(append(append(tt.flags, "--daemon", "--background-fetch=false"), tt.ref, e.target)...)
 			var out fmt.Stringer
 			if tt.terminal {
 				master, slave := openPTY(t)

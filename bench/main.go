@@ -16,6 +16,7 @@ import (
 	"flag"
 	"fmt"
 	"log/slog"
+	"maps"
 	"os"
 	"os/exec"
 	"os/signal"
@@ -54,6 +55,8 @@ func mainErr() error {
 	cacheDir := flag.String("cache", "/var/cache/stargz-mount-bench", "`DIR` keeping the debootstrapped rootfs between runs")
 	memory := flag.String("memory", "256MiB", "--cache-max-memory given to stargz-mount: the memory budget the RSS target is checked against")
 	bigMiB := flag.Int64("big-mib", 256, "size of the big random file in MiB")
+	only := flag.String("cases", "", "comma-separated `NAMES` of the cases to measure (default: all; a partial run prints its medians and writes nothing; full-pull, gzip, estargz, estargz-prio, big, estargz-prio-nobg, big-nobg)")
+	perfRead := flag.Bool("perf", false, "with --cases: also profile the server during a cold read of the big file and print the report")
 	rewrite := flag.Bool("rewrite", false, "measure nothing: regenerate chart.svg and BENCHMARKS.md from DIR/results.json (after editing bench/notes.md)")
 	flag.Parse()
 
@@ -157,6 +160,23 @@ func mainErr() error {
 			return b.bigRead(ref("big"), imgs["big"], local, "--background-fetch=false")
 		}})
 	}
+	if *only != "" {
+		want := map[string]bool{}
+		for _, n := range strings.Split(*only, ",") {
+			want[strings.TrimSpace(n)] = true
+		}
+		kept := cases[:0]
+		for _, c := range cases {
+			if want[c.name] {
+				kept = append(kept, c)
+				delete(want, c.name)
+			}
+		}
+		if len(want) > 0 {
+			return fmt.Errorf("--cases: no case named %v", want)
+		}
+		cases = kept
+	}
 	samples := map[string][]sample{}
 	failures := map[string]string{}
 	for i := range *runs {
@@ -173,6 +193,26 @@ func mainErr() error {
 			}
 			samples[c.name] = append(samples[c.name], s)
 		}
+	}
+	if *only != "" {
+		// A partial run is for trying a change: its medians are printed,
+		// not written over a whole run's results.
+		for _, c := range cases {
+			fmt.Printf("%s:", c.name)
+			m := medians(samples[c.name])
+			for _, k := range slices.Sorted(maps.Keys(m)) {
+				fmt.Printf(" %s=%.4g", k, m[k])
+			}
+			fmt.Println()
+		}
+		if *perfRead {
+			rep, err := b.profile(ref("big"), b.work)
+			if err != nil {
+				return err
+			}
+			fmt.Print(rep)
+		}
+		return nil
 	}
 	for _, must := range []string{"full-pull", "estargz", "estargz-prio", "big"} {
 		if len(samples[must]) == 0 {

@@ -136,20 +136,27 @@ func peakRSS(pid int) float64 {
 
 // cpuSeconds returns the user+system CPU time pid has used.
 func cpuSeconds(pid int) float64 {
+	return (statField(pid, 14) + statField(pid, 15)) / 100 // USER_HZ is 100 on Linux
+}
+
+// minorFaults returns the minor page faults pid has taken.
+func minorFaults(pid int) float64 { return statField(pid, 10) }
+
+// statField returns field k (1-based, as in proc(5)) of /proc/pid/stat.
+func statField(pid, k int) float64 {
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
 	if err != nil {
 		return 0
 	}
 	// Fields after the command name (which may hold spaces) start at
-	// state; utime and stime are fields 14 and 15 of the whole line.
+	// state, field 3.
 	_, rest, ok := strings.Cut(string(b), ") ")
 	f := strings.Fields(rest)
-	if !ok || len(f) < 13 {
+	if !ok || len(f) < k-2 {
 		return 0
 	}
-	ut, _ := strconv.ParseFloat(f[11], 64)
-	st, _ := strconv.ParseFloat(f[12], 64)
-	return (ut + st) / 100 // USER_HZ is 100 on Linux
+	v, _ := strconv.ParseFloat(f[k-3], 64)
+	return v
 }
 
 // python runs python3 -c 'print(1)' chrooted in root and returns seconds.
@@ -373,7 +380,7 @@ func (b *bench) bigRead(ref string, im image, local string, flags ...string) (sa
 	b.proxy.Reset()
 	b.tracer.reset()
 	pid := serverPID(b.bin, mnt)
-	cpu0 := cpuSeconds(pid)
+	cpu0, flt0 := cpuSeconds(pid), minorFaults(pid)
 	cold, err := catFile(filepath.Join(mnt, "big.bin"))
 	if err != nil {
 		return nil, err
@@ -383,6 +390,7 @@ func (b *bench) bigRead(ref string, im image, local string, flags ...string) (sa
 	s["cold_link_busy"] = busy(reqs) / cold // share of the read with a request open
 	s["cold_s"], s["cold_MBps"], s["cold_bytes"] = cold, size/cold/1e6, float64(b.proxy.Stats().Bytes)
 	s["cold_server_cpu_s"] = cpuSeconds(pid) - cpu0
+	s["cold_server_minor_faults"] = minorFaults(pid) - flt0
 	page, err := catFile(filepath.Join(mnt, "big.bin"))
 	if err != nil {
 		return nil, err

@@ -448,9 +448,12 @@ func (h *hostLimits) acquire(ctx context.Context, host string) (release func(), 
 
 func hostArch() string { return runtime.GOARCH }
 
-func hostVariant() string {
-	if runtime.GOARCH == "arm64" {
-		return "v8"
+// hostPlatform is the platform picked by default on a host of
+// architecture goarch: linux/goarch, arm64 as linux/arm64/v8.
+func hostPlatform(goarch string) *v1.Platform {
+	p := &v1.Platform{OS: "linux", Architecture: goarch}
+	if goarch == "arm64" {
+		p.Variant = "v8"
 	}
-	return ""
+	return p
 }

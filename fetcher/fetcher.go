@@ -45,6 +45,7 @@ type options struct {
 	stallTimeout  time.Duration
 	maxConcurrent int
 	meta          MetadataStore
+	goarch        string // the host's architecture (runtime.GOARCH; tests set others)
 }
 
 type mirror struct{ registry, mirror string }
@@ -190,7 +191,7 @@ type Layer struct {
 // index) and its config.
 func Resolve(ctx context.Context, ref string, opts ...Option) (*Image, error) {
 	o := options{keychain: Keychain("", ""), logger: slog.Default(), fetchTimeout: DefaultFetchTimeout,
-		stallTimeout: DefaultStallTimeout, maxConcurrent: DefaultMaxConcurrentFetches}
+		stallTimeout: DefaultStallTimeout, maxConcurrent: DefaultMaxConcurrentFetches, goarch: hostArch()}
 	for _, opt := range opts {
 		opt(&o)
 	}
@@ -280,10 +281,7 @@ func caPool(file string) (*x509.CertPool, error) {
 func resolve(ctx context.Context, r name.Reference, base http.RoundTripper, o *options) (*Image, error) {
 	platform := o.platform
 	if platform == nil {
-		platform = &v1.Platform{OS: "linux", Architecture: hostArch()}
-		if v := hostVariant(); v != "" {
-			platform.Variant = v
-		}
+		platform = hostPlatform(o.goarch)
 	}
 
 	im := &Image{
@@ -368,8 +366,7 @@ func resolveRemote(ctx context.Context, r name.Reference, platform *v1.Platform,
 	if err != nil {
 		return nil, nil, none, classify("fetch manifest", r.String(), err)
 	}
-	// For an index, Image picks the manifest of the platform asked for.
-	img, err := desc.Image()
+	img, err := pickImage(desc, platform)
 	if err != nil {
 		return nil, nil, none, classify(fmt.Sprintf("pick %s", platformString(platform)), r.String(), err)
 	}
@@ -609,7 +606,69 @@ func classify(op, ref string, err error) error {
 }
 
 func platformMatches(cfg *v1.ConfigFile, p *v1.Platform) bool {
-	return cfg.OS == p.OS && cfg.Architecture == p.Architecture && (p.Variant == "" || cfg.Variant == p.Variant)
+	return platformMatch(v1.Platform{OS: cfg.OS, Architecture: cfg.Architecture, Variant: cfg.Variant}, p)
+}
+
+// platformMatch reports whether an image for have runs on want: same OS
+// and architecture, and the variant asked for, if any. As in containerd,
+// arm64 without a variant is arm64/v8 (go-containerregistry's own matching
+// would not pick a plain linux/arm64 entry for linux/arm64/v8).
+func platformMatch(have v1.Platform, want *v1.Platform) bool {
+	if have.OS != want.OS || have.Architecture != want.Architecture {
+		return false
+	}
+	return want.Variant == "" || normVariant(have) == normVariant(*want)
+}
+
+func normVariant(p v1.Platform) string {
+	if p.Architecture == "arm64" && p.Variant == "" {
+		return "v8"
+	}
+	return p.Variant
+}
+
+// pickImage is desc.Image, picking from an index (nested ones too) the
+// first image whose platform matches p by platformMatch.
+func pickImage(desc *remote.Descriptor, p *v1.Platform) (v1.Image, error) {
+	if !desc.MediaType.IsIndex() {
+		return desc.Image()
+	}
+	idx, err := desc.ImageIndex()
+	if err != nil {
+		return nil, err
+	}
+	return pickFromIndex(idx, p, 0)
+}
+
+func pickFromIndex(idx v1.ImageIndex, p *v1.Platform, depth int) (v1.Image, error) {
+	im, err := idx.IndexManifest()
+	if err != nil {
+		return nil, err
+	}
+	var listed []string
+	for _, c := range im.Manifests {
+		// Without a platform, go-containerregistry takes an entry for linux/amd64.
+		have := v1.Platform{OS: "linux", Architecture: "amd64"}
+		if c.Platform != nil {
+			have = *c.Platform
+		}
+		listed = append(listed, platformString(&have))
+		if !platformMatch(have, p) {
+			continue
+		}
+		if c.MediaType.IsIndex() {
+			if depth >= 4 {
+				return nil, errors.New("indexes nested more than 4 deep")
+			}
+			sub, err := idx.ImageIndex(c.Digest)
+			if err != nil {
+				return nil, err
+			}
+			return pickFromIndex(sub, p, depth+1)
+		}
+		return idx.Image(c.Digest)
+	}
+	return nil, fmt.Errorf("no image for %s in the index (it lists %s)", platformString(p), strings.Join(listed, ", "))
 }
 
 func platformString(p *v1.Platform) string {

@@ -146,6 +146,84 @@ func TestResolve(t *testing.T) {
 	}
 }
 
+// TestResolveHostPlatform picks from indexes on hosts of other
+// architectures: arm64 with no variant is arm64/v8, as containerd has it.
+func TestResolveHostPlatform(t *testing.T) {
+	host := serve(t, nil)
+	imgs := map[string]v1.Image{}
+	digests := map[string]v1.Hash{}
+	for _, p := range []string{"linux/amd64", "linux/arm64", "linux/arm64/v8", "linux/arm64/v9", "linux/arm/v7"} {
+		pl, err := ParsePlatform(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		img := withPlatform(t, mustRandom(t), pl.OS, pl.Architecture)
+		imgs[p] = img
+		digests[p], _ = img.Digest()
+	}
+	pushIndex := func(tag string, platforms ...string) string {
+		var adds []mutate.IndexAddendum
+		for _, p := range platforms {
+			pl, _ := ParsePlatform(p)
+			adds = append(adds, mutate.IndexAddendum{Add: imgs[p], Descriptor: v1.Descriptor{Platform: pl}})
+		}
+		ref := host + "/multi:" + tag
+		r, _ := name.ParseReference(ref)
+		if err := remote.WriteIndex(r, mutate.AppendManifests(empty.Index, adds...)); err != nil {
+			t.Fatal(err)
+		}
+		return ref
+	}
+	plain := pushIndex("plain", "linux/amd64", "linux/arm/v7", "linux/arm64")
+	v8 := pushIndex("v8", "linux/amd64", "linux/arm64/v8")
+	v9first := pushIndex("v9first", "linux/arm64/v9", "linux/arm64")
+	single := host + "/single:arm64"
+	push(t, imgs["linux/arm64"], single) // its config says linux/arm64, no variant
+
+	arch := func(a string) Option { return func(o *options) { o.goarch = a } }
+	platform := func(s string) Option {
+		p, err := ParsePlatform(s)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return WithPlatform(p)
+	}
+	tests := []struct {
+		name string
+		ref  string
+		opts []Option
+		want string // the platform of the image picked; "" for an error
+	}{
+		{"arm64 host, index entry without variant", plain, []Option{arch("arm64")}, "linux/arm64"},
+		{"arm64 host, index entry arm64/v8", v8, []Option{arch("arm64")}, "linux/arm64/v8"},
+		{"arm64 host, v9 listed first", v9first, []Option{arch("arm64")}, "linux/arm64"},
+		{"amd64 host", plain, []Option{arch("amd64")}, "linux/amd64"},
+		{"arm host picks arm/v7 for no variant asked", plain, []Option{arch("arm")}, "linux/arm/v7"},
+		{"s390x host", plain, []Option{arch("s390x")}, ""},
+		{"--platform linux/arm64/v8, entry without variant", plain, []Option{platform("linux/arm64/v8")}, "linux/arm64"},
+		{"--platform linux/arm64, entry arm64/v8", v8, []Option{platform("linux/arm64")}, "linux/arm64/v8"},
+		{"--platform linux/arm64/v9, entry without variant", plain, []Option{platform("linux/arm64/v9")}, ""},
+		{"--platform linux/arm64/v8, single image without variant", single, []Option{platform("linux/arm64/v8")}, "linux/arm64"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			im, err := Resolve(context.Background(), tt.ref, tt.opts...)
+			if tt.want == "" {
+				if err == nil {
+					t.Fatalf("Resolve(%q) picked %s, want an error", tt.ref, im.Digest)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatalf("Resolve(%q): %v", tt.ref, err)
+			}
+			if im.Digest != digests[tt.want] {
+				t.Errorf("picked %s, want the %s image %s", im.Digest, tt.want, digests[tt.want])
+			}
+		})
+	}
+}
+
 func mustRandom(t *testing.T) v1.Image {
 	img, err := random.Image(512, 1)
 	if err != nil {

@@ -17,7 +17,8 @@
 // bound holds at all times. A process that opens the store while no other
 // process has it open recounts from disk and clears stale temp files, which
 // repairs the count after a crash. Eviction removes the entries with the
-// oldest modification time; Get touches the entries it reads.
+// oldest modification time; Get touches the entries it reads. Bytes kept
+// outside the store can share its bound (WithExternalUsage).
 //
 // File entries (PutFile, OpenFile) hold the data alone, so that the kernel
 // can read them directly (FUSE passthrough); their length and a CRC-32C of
@@ -71,6 +72,11 @@ var ErrBusy = errors.New("in use by a live mount")
 // ErrTooLarge is returned by Put for an entry larger than the bound.
 var ErrTooLarge = errors.New("entry larger than the store's bound")
 
+// ErrFull is returned by Put for an entry that does not fit even with
+// every entry evicted: the bytes counted outside the store (see
+// WithExternalUsage) or reserved by writes in flight leave no room.
+var ErrFull = errors.New("no room within the store's bound")
+
 // Option configures Open.
 type Option func(*Store)
 
@@ -78,13 +84,24 @@ type Option func(*Store)
 // default is slog.Default().
 func WithLogger(l *slog.Logger) Option { return func(s *Store) { s.logger = l } }
 
+// WithExternalUsage counts bytes kept outside the store against its bound
+// (stargz-mount's unpacked layers, which share --cache-max-disk with the
+// chunks): every write evicts until the store's own usage plus what
+// external returns fits within the bound. external is called under the
+// store's lock at every write, so it must be cheap and must not use the
+// store. The default is none: the store alone is bounded.
+func WithExternalUsage(external func() int64) Option {
+	return func(s *Store) { s.external = external }
+}
+
 // Store is an open on-disk store. It is safe for concurrent use, also by
 // several processes opening the same directory.
 type Store struct {
-	dir    string
-	max    int64
-	logger *slog.Logger
-	users  *os.File // DIR/.users: held shared while open; exclusive means alone
+	dir      string
+	max      int64
+	logger   *slog.Logger
+	external func() int64 // bytes outside the store counted against max; nil: none
+	users    *os.File     // DIR/.users: held shared while open; exclusive means alone
 
 	mu    sync.Mutex // guards the count file between goroutines (flock is per file, not per goroutine)
 	usage *os.File   // DIR/.usage, flocked for every update
@@ -389,17 +406,24 @@ func (s *Store) Usage() (int64, error) {
 	return n, err
 }
 
-// reserve counts c more bytes, evicting first if they would not fit, and
-// creates the temp file for them with its final size, so that eviction in
-// any process sees the reservation on disk.
+// reserve counts c more bytes, evicting first if they (with the external
+// usage) would not fit, and creates the temp file for them with its final
+// size, so that eviction in any process sees the reservation on disk.
 func (s *Store) reserve(c, size int64) (*os.File, error) {
 	var f *os.File
 	err := s.update(func(used int64) (int64, error) {
-		if used+c > s.max {
-			target := int64(float64(s.max)*lowWater) - c
+		var ext int64
+		if s.external != nil {
+			ext = max(s.external(), 0)
+		}
+		if used+ext+c > s.max {
+			target := int64(float64(s.max)*lowWater) - ext - c
 			var err error
 			if used, err = s.evict(used, max(target, 0), nil); err != nil {
 				return used, err
+			}
+			if used+ext+c > s.max {
+				return used, fmt.Errorf("%d bytes needed, %d used by the store and %d outside it, bound %d: %w", c, used, ext, s.max, ErrFull)
 			}
 		}
 		var err error

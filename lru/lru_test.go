@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -177,6 +178,58 @@ func TestBound(t *testing.T) {
 	u, _ := s.Usage()
 	if d := diskBytes(t, dir); u < d || u > max {
 		t.Errorf("count %d, on disk %d, bound %d", u, d, max)
+	}
+}
+
+// TestExternalUsage: bytes counted outside the store share its bound;
+// writes evict to make room for them, and fail if nothing can.
+func TestExternalUsage(t *testing.T) {
+	const max = 1 << 20
+	dir := t.TempDir()
+	var ext atomic.Int64
+	s, err := Open(dir, max, WithExternalUsage(ext.Load))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	put := func(i int) error { return s.Put(fmt.Sprintf("g/%d", i), data(i, 20000)) }
+	check := func(t *testing.T, when string) {
+		t.Helper()
+		if d, e := diskBytes(t, dir), ext.Load(); d+e > max {
+			t.Fatalf("%s: %d bytes on disk and %d outside, bound %d", when, d, e, max)
+		}
+	}
+	tests := []struct {
+		name     string
+		external int64
+		writes   int
+		err      error
+	}{
+		{"no external usage fills the bound", 0, 60, nil},
+		{"external usage appears: writes evict for it", 600 << 10, 60, nil},
+		{"external usage grows", 900 << 10, 20, nil},
+		{"external usage shrinks", 100 << 10, 60, nil},
+		{"external usage takes it all", max, 1, ErrFull},
+	}
+	i := 0
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			ext.Store(tt.external)
+			for range tt.writes {
+				i++
+				if err := put(i); !errors.Is(err, tt.err) {
+					t.Fatalf("Put %d: %v, want %v", i, err, tt.err)
+				}
+				check(t, fmt.Sprintf("after Put %d", i))
+			}
+			u, _ := s.Usage()
+			if d := diskBytes(t, dir); u < d || u+tt.external > max {
+				t.Errorf("count %d, on disk %d, outside %d, bound %d", u, d, tt.external, max)
+			}
+		})
+	}
+	if s.Has(fmt.Sprintf("g/%d", i)) {
+		t.Error("an entry that did not fit was stored")
 	}
 }
 

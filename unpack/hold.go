@@ -50,7 +50,11 @@ type Info struct {
 }
 
 // Layers lists the unpacked layers, least recently used first.
-func (s *Store) Layers() ([]Info, error) {
+func (s *Store) Layers() ([]Info, error) { return s.list(true) }
+
+// list lists the unpacked layers, least recently used first; InUse is
+// found out only with probe (a lock taken and released per layer).
+func (s *Store) list(probe bool) ([]Info, error) {
 	dir := filepath.Join(s.dir, "sha256")
 	ents, err := os.ReadDir(dir)
 	if errors.Is(err, fs.ErrNotExist) {
@@ -71,10 +75,12 @@ func (s *Store) Layers() ([]Info, error) {
 		} else if fi, err := os.Stat(p); err == nil {
 			in.LastUsed = fi.ModTime()
 		}
-		if f, ok := tryLock(p + ".hold"); ok {
-			f.Close()
-		} else {
-			in.InUse = true
+		if probe {
+			if f, ok := tryLock(p + ".hold"); ok {
+				f.Close()
+			} else {
+				in.InUse = true
+			}
 		}
 		out = append(out, in)
 	}
@@ -82,9 +88,10 @@ func (s *Store) Layers() ([]Info, error) {
 	return out, nil
 }
 
-// Usage is the disk space all unpacked layers use.
+// Usage is the disk space all unpacked layers use. It takes no locks, so
+// it neither waits for nor disturbs Hold, Remove and Prune.
 func (s *Store) Usage() (int64, error) {
-	ls, err := s.Layers()
+	ls, err := s.list(false)
 	var n int64
 	for _, l := range ls {
 		n += l.Bytes

@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"strconv"
+	"strings"
 
 	"golang.org/x/sys/unix"
 )
@@ -22,16 +23,38 @@ var ErrDigest = errors.New("blob does not match its digest")
 type Decompressor func(io.Reader) (io.ReadCloser, error)
 
 // Store keeps unpacked layers under DIR/layers/sha256/HEX, one directory per
-// blob digest, shared by every mount that uses the same cache directory.
+// blob digest, shared by every mount that uses the same cache directory and
+// unpacks the same way (see NewStore).
 type Store struct {
 	dir  string   // DIR/layers
 	opts []Option // for Tar
 }
 
 // NewStore returns the store of unpacked layers under cacheDir; opts are
-// how Tar unpacks them.
+// how Tar unpacks them. Layers in the default form (kernel overlayfs's)
+// live in cacheDir/layers/sha256/HEX; layers in another form (file
+// whiteouts or another opaque xattr, for fuse-overlayfs without root) in
+// cacheDir/layers/FORM/sha256/HEX, FORM naming it (for example
+// "files-user.overlay.opaque"), so that root and rootless mounts sharing
+// a cache dir never stack each other's layers.
 func NewStore(cacheDir string, opts ...Option) *Store {
-	return &Store{dir: filepath.Join(cacheDir, "layers"), opts: opts}
+	dir := filepath.Join(cacheDir, "layers")
+	if f := newConfig(opts).form(); f != "" {
+		dir = filepath.Join(dir, f)
+	}
+	return &Store{dir: dir, opts: opts}
+}
+
+// form names how c unpacks layers, "" for the default.
+func (c config) form() string {
+	if c == newConfig(nil) {
+		return ""
+	}
+	w := "chardev"
+	if c.fileWhiteouts {
+		w = "files"
+	}
+	return w + "-" + strings.ReplaceAll(c.opaqueXattr, "/", "_")
 }
 
 var sha256Digest = regexp.MustCompile(`^sha256:([0-9a-f]{64})$`)

@@ -157,7 +157,10 @@ func (u *unpacker) entry(h *tar.Header, body io.Reader) error {
 		if err := unix.Fchmod(u.root, modeBits(h.Mode)); err != nil {
 			return err
 		}
-		if err := setXattrs(fdPath(u.root, ""), h); err != nil {
+		// The root's path is the /proc magic link itself, which only
+		// Setxattr follows to the directory (Lsetxattr would act on the
+		// link); nothing of the layer is resolved on the way.
+		if err := setXattrs(fdPath(u.root, ""), true, h); err != nil {
 			return err
 		}
 		u.dirs = append(u.dirs, dirTime{"", h.ModTime})
@@ -345,7 +348,7 @@ func (u *unpacker) meta(pfd int, base string, h *tar.Header, times bool) error {
 			return fmt.Errorf("chmod: %w", err)
 		}
 	}
-	if err := setXattrs(fdPath(pfd, base), h); err != nil {
+	if err := setXattrs(fdPath(pfd, base), false, h); err != nil {
 		return err
 	}
 	if times {
@@ -385,7 +388,15 @@ func fdPath(fd int, base string) string {
 	return p
 }
 
-func setXattrs(p string, h *tar.Header) error {
+// setXattrs sets h's xattrs on p. With follow, p's last component is
+// followed (Setxattr): for fdPath(fd, ""), which names the magic link of
+// the directory itself; else it is not (Lsetxattr), so that a layer's
+// symlink is not written through.
+func setXattrs(p string, follow bool, h *tar.Header) error {
+	set := unix.Lsetxattr
+	if follow {
+		set = unix.Setxattr
+	}
 	keys := make([]string, 0, len(h.PAXRecords))
 	for k := range h.PAXRecords {
 		if strings.HasPrefix(k, xattrPAXPrefix) {
@@ -398,7 +409,7 @@ func setXattrs(p string, h *tar.Header) error {
 		if strings.HasPrefix(name, overlayXattrPrefix) || strings.HasPrefix(name, userOverlayXattrPrefix) {
 			continue
 		}
-		if err := unix.Lsetxattr(p, name, []byte(h.PAXRecords[k]), 0); err != nil {
+		if err := set(p, name, []byte(h.PAXRecords[k]), 0); err != nil {
 			if (errors.Is(err, unix.EPERM) || errors.Is(err, unix.ENOTSUP)) && h.Typeflag != tar.TypeReg && h.Typeflag != tar.TypeDir {
 				continue // user.* xattrs are not allowed on symlinks and devices
 			}

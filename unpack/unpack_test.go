@@ -163,6 +163,20 @@ func TestTar(t *testing.T) {
 				}
 			},
 		}, false},
+		{"xattrs on the layer root", []lt.Entry{
+			lt.Dir("./", lt.Mode(0o711), lt.Xattr("user.root", "r"), lt.Xattr("trusted.root", "t"), lt.Xattr("trusted.overlay.opaque", "y")),
+			lt.FileString("f", "f"),
+		}, []check{
+			xattr("", "user.root", "r"),
+			xattr("", "trusted.root", "t"),
+			xattr("", "trusted.overlay.opaque", ""),
+			isFile("f", "f", 0o644, 0, 0),
+			func(t *testing.T, l string) {
+				if st := lstat(t, l); st.Mode&0o7777 != 0o711 {
+					t.Errorf("layer root: mode %o, want 711", st.Mode&0o7777)
+				}
+			},
+		}, false},
 		{"whiteouts", []lt.Entry{
 			lt.Dir("a"),
 			lt.Whiteout("a/gone"),
@@ -394,6 +408,58 @@ func TestStore(t *testing.T) {
 	})
 }
 
+// TestStoreForms: stores unpacking for different overlays (kernel
+// overlayfs as root, fuse-overlayfs without root) in one cache dir keep
+// their own copy of a layer, each in its form.
+func TestStoreForms(t *testing.T) {
+	needRoot(t)
+	blob := gzipped(t, lt.Tar(lt.Dir("d"), lt.Whiteout("d/gone"), lt.Dir("o"), lt.Opaque("o")))
+	dgst := digestOf(blob)
+	cache := t.TempDir()
+	open := func(context.Context) (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(blob)), nil }
+	tests := []struct {
+		name   string
+		opts   []Option
+		checks []check
+	}{
+		{"kernel overlayfs", nil, []check{
+			isNode("d/gone", unix.S_IFCHR, 0, 0),
+			xattr("o", "trusted.overlay.opaque", "y"),
+			xattr("o", "user.overlay.opaque", ""),
+		}},
+		{"fuse-overlayfs unprivileged", []Option{WithFileWhiteouts(true), WithOpaqueXattr("user.overlay.opaque")}, []check{
+			isFile("d/.wh.gone", "", 0, 0, 0),
+			missing("d/gone"),
+			xattr("o", "user.overlay.opaque", "y"),
+			xattr("o", "trusted.overlay.opaque", ""),
+		}},
+	}
+	seen := map[string]bool{}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			s := NewStore(cache, tt.opts...)
+			dir, err := s.Layer(context.Background(), dgst, open, gunzip)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if seen[dir] {
+				t.Fatalf("%s is shared with another form", dir)
+			}
+			seen[dir] = true
+			for _, c := range tt.checks {
+				c(t, dir)
+			}
+			if ls, err := s.Layers(); err != nil || len(ls) != 1 || ls[0].Digest != dgst {
+				t.Errorf("Layers = %v, %v; want just %s", ls, err, dgst)
+			}
+		})
+	}
+	// The kernel overlayfs form stays where earlier versions put it.
+	if !seen[filepath.Join(cache, "layers", "sha256", dgst[len("sha256:"):])] {
+		t.Errorf("kernel overlayfs form not in layers/sha256: %v", seen)
+	}
+}
+
 // BenchmarkStore measures fetch-free unpacking of a gzip layer of 64 MiB in
 // 1 MiB files plus 2000 small files: digest check, gunzip and writes.
 func BenchmarkStore(b *testing.B) {
@@ -458,6 +524,13 @@ func TestStoreHoldPrune(t *testing.T) {
 		if l.Digest != dgsts[i] || l.InUse != (i == 1) || l.Bytes < 64<<10 {
 			t.Errorf("layer %d = %+v", i, l)
 		}
+	}
+	var sum int64
+	for _, l := range ls {
+		sum += l.Bytes
+	}
+	if u, err := s.Usage(); err != nil || u != sum {
+		t.Errorf("Usage = %d, %v; want %d, the layers' sum", u, err, sum)
 	}
 	if _, err := s.Remove(dgsts[1]); !errors.Is(err, ErrBusy) {
 		t.Errorf("Remove of a held layer: %v", err)

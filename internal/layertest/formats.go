@@ -10,6 +10,7 @@ import (
 	"github.com/containerd/stargz-snapshotter/estargz"
 	"github.com/containerd/stargz-snapshotter/estargz/zstdchunked"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/mutate"
 	"github.com/google/go-containerregistry/pkg/v1/types"
 	"github.com/klauspost/compress/zstd"
 )
@@ -100,13 +101,13 @@ type zstdCompression struct {
 // decompress undoes a layer's compression by media type.
 func decompress(mt types.MediaType, data []byte) (io.ReadCloser, error) {
 	switch mt {
-	case ZstdMediaType:
+	case ZstdMediaType, DockerZstdMediaType:
 		d, err := zstd.NewReader(bytes.NewReader(data))
 		if err != nil {
 			return nil, err
 		}
 		return d.IOReadCloser(), nil
-	case UncompressedMediaType:
+	case UncompressedMediaType, types.DockerUncompressedLayer:
 		return io.NopCloser(bytes.NewReader(data)), nil
 	}
 	return gzip.NewReader(bytes.NewReader(data))
@@ -116,6 +117,45 @@ func decompress(mt types.MediaType, data []byte) (io.ReadCloser, error) {
 // the format given for it; formats shorter than layers repeat the last.
 // eStargz and zstd:chunked layers use chunkSize.
 func BuildImageAs(chunkSize int, formats []Format, layers ...[]Entry) (v1.Image, error) {
+	blobs, err := buildBlobs(chunkSize, formats, layers)
+	if err != nil {
+		return nil, err
+	}
+	return Image(blobs...)
+}
+
+// DockerZstdMediaType is the Docker-style name of a zstd layer, which
+// containerd and Docker 23+ accept.
+const DockerZstdMediaType types.MediaType = "application/vnd.docker.image.rootfs.diff.tar.zstd"
+
+// dockerLayerTypes maps the OCI layer media types to Docker schema2's.
+var dockerLayerTypes = map[types.MediaType]types.MediaType{
+	LayerMediaType:        types.DockerLayer,
+	UncompressedMediaType: types.DockerUncompressedLayer,
+	ZstdMediaType:         DockerZstdMediaType,
+}
+
+// BuildDockerImageAs is BuildImageAs with Docker schema2 media types: the
+// manifest is application/vnd.docker.distribution.manifest.v2+json, the
+// config application/vnd.docker.container.image.v1+json, and each layer
+// application/vnd.docker.image.rootfs.diff.tar[.gzip|.zstd] (eStargz and
+// zstd:chunked layers keep their annotations).
+func BuildDockerImageAs(chunkSize int, formats []Format, layers ...[]Entry) (v1.Image, error) {
+	blobs, err := buildBlobs(chunkSize, formats, layers)
+	if err != nil {
+		return nil, err
+	}
+	for _, b := range blobs {
+		b.MediaType = dockerLayerTypes[b.mediaType()]
+	}
+	img, err := Image(blobs...)
+	if err != nil {
+		return nil, err
+	}
+	return mutate.ConfigMediaType(mutate.MediaType(img, types.DockerManifestSchema2), types.DockerConfigJSON), nil
+}
+
+func buildBlobs(chunkSize int, formats []Format, layers [][]Entry) ([]*Blob, error) {
 	blobs := make([]*Blob, len(layers))
 	for i, entries := range layers {
 		f := formats[min(i, len(formats)-1)]
@@ -141,5 +181,5 @@ func BuildImageAs(chunkSize int, formats []Format, layers ...[]Entry) (v1.Image,
 		}
 		blobs[i] = b
 	}
-	return Image(blobs...)
+	return blobs, nil
 }

@@ -1375,7 +1375,9 @@ func (c *Server) handleRequest(ctx context.Context, node Node, snode *serveNode,
 		}
 		handle := shandle.handle
 
-		s := &fuse.ReadResponse{Data: make([]byte, 0, r.Size)}
+		buf := getReadBuffer(r.Size)
+		defer putReadBuffer(buf) // replies are written by the time this returns
+		s := &fuse.ReadResponse{Data: buf}
 		if r.Dir {
 			if h, ok := handle.(HandleReadDirAller); ok {
 				// detect rewinddir(3) or similar seek and refresh
@@ -2061,4 +2063,34 @@ func GenerateDynamicInode(parent uint64, name string) uint64 {
 		_, _ = h.Write([]byte{'x'})
 	}
 	return inode
+}
+
+// readFree keeps read reply buffers for reuse (stargz-mount patch):
+// upstream allocates and zeroes a buffer of the request's size, up to a
+// megabyte, for every read, most of which a handler answering with its
+// own slice never touches. A handler must not keep resp.Data past its
+// Read: the buffer serves a later read once the reply is written.
+var readFree = make(chan []byte, 16)
+
+// getReadBuffer returns an empty buffer with room for size bytes.
+func getReadBuffer(size int) []byte {
+	select {
+	case b := <-readFree:
+		if cap(b) >= size {
+			return b[:0]
+		}
+	default:
+	}
+	if size < 128<<10 {
+		size = 128 << 10
+	}
+	return make([]byte, 0, size)
+}
+
+// putReadBuffer keeps b for a later read, if there is room.
+func putReadBuffer(b []byte) {
+	select {
+	case readFree <- b[:0]:
+	default:
+	}
 }
