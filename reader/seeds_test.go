@@ -2,6 +2,7 @@ package reader
 
 import (
 	"bytes"
+	stdgzip "compress/gzip"
 	"context"
 	"crypto/sha256"
 	"encoding/json"
@@ -175,7 +176,43 @@ func fuzzSeeds(t testing.TB) lt.FuzzSeeds {
 	zdecode["two-frames"] = []any{two, int64(3), int64(8), false}
 	zdecode["skippable-frame"] = []any{append([]byte{0x50, 0x2a, 0x4d, 0x18, 4, 0, 0, 0, 1, 2, 3, 4}, two...), int64(0), int64(5), false}
 	seeds["FuzzDecodeZstd"] = zdecode
+	seeds["FuzzStored"] = storedSeeds(t)
 	return seeds
+}
+
+// storedSeeds are FuzzStored's: gzip members of stored blocks, as
+// incompressible chunks have, and members that only look like them.
+func storedSeeds(t testing.TB) map[string][]any {
+	rnd := lt.Random("stored", 2000)
+	member := gzipMember(t, rnd, stdgzip.NoCompression, false)
+	badLen := append([]byte{}, member...)
+	badLen[10+3] ^= 1 // NLEN of the block no longer ^LEN
+	var two bytes.Buffer
+	zw, err := stdgzip.NewWriterLevel(&two, stdgzip.NoCompression)
+	if err != nil {
+		t.Fatal(err)
+	}
+	zw.Write(rnd[:700])
+	zw.Flush() // ends the block, adds an empty one
+	zw.Write(rnd[700:1500])
+	zw.Close()
+	// An eStargz chunk of random data: deflate stores it.
+	layer := mustEstargz(t, lt.Tar(lt.File("r", rnd)), estargz.WithChunkSize(1024))
+	c, comp := firstChunk(t, layer, "r")
+	if _, ok := storedChunk(comp, c.inner, c.size); !ok {
+		t.Fatal("the eStargz chunk of random data is not stored blocks")
+	}
+	return map[string][]any{
+		"stored-whole":          {member, int64(0), int64(len(rnd))},
+		"stored-inner":          {member, int64(100), int64(500)},
+		"stored-named-header":   {gzipMember(t, rnd, stdgzip.NoCompression, true), int64(1), int64(len(rnd) - 1)},
+		"stored-corrupt-length": {badLen, int64(0), int64(len(rnd))},
+		"stored-truncated":      {member[:1000], int64(0), int64(len(rnd))},
+		"stored-past-the-end":   {member, int64(1990), int64(11)},
+		"two-stored-blocks":     {two.Bytes(), int64(600), int64(300)},
+		"compressed-member":     {gzipMember(t, compressible, stdgzip.DefaultCompression, false), int64(0), int64(100)},
+		"estargz-random-chunk":  {comp, c.inner, c.size},
+	}
 }
 
 // hostileTOCs are TOCs of the kinds README.md's Trust section lists.
