@@ -35,6 +35,8 @@ test: have-deps
 	$(GO) test -run XXX -fuzz '^FuzzDecode$$' -fuzztime 20s ./reader
 	$(GO) test -run XXX -fuzz '^FuzzStored$$' -fuzztime 10s -fuzzminimizetime 2s ./reader
 	$(GO) test -run XXX -fuzz '^FuzzOpen$$' -fuzztime 20s -fuzzminimizetime 2s ./reader
+	$(GO) test -run XXX -fuzz '^FuzzDecodeZstd$$' -fuzztime 20s -fuzzminimizetime 2s ./reader
+	$(GO) test -run XXX -fuzz '^FuzzOpenZstdChunked$$' -fuzztime 20s -fuzzminimizetime 2s ./reader
 	$(GO) test -run XXX -fuzz '^FuzzTar$$' -fuzztime 20s -fuzzminimizetime 2s ./unpack
 
 # Debian packages the tests use.

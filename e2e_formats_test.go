@@ -470,8 +470,9 @@ func TestUnsupportedLayers(t *testing.T) {
 }
 
 // TestBareEStargz: a gzip eStargz layer without the TOC digest annotation
-// is unpacked (its blob digest verifies it); with --insecure-skip-verify it
-// is served lazily, unverified.
+// is unpacked (its blob digest verifies it), and each mount says so in one
+// warning that tells how to mount it lazily; with --insecure-skip-verify it
+// is served lazily, unverified, without the warning.
 func TestBareEStargz(t *testing.T) {
 	needFUSE(t)
 	host := lt.InProcessRegistry(t)
@@ -499,7 +500,36 @@ func TestBareEStargz(t *testing.T) {
 				t.Errorf("%d FUSE layers and %d unpacked, want %d and %d", f, u, tt.fuse, tt.unpacked)
 			}
 			e.umount()
+			if tt.unpacked > 0 {
+				// Again, from the unpacked layer the first mount left.
+				e.mount(host+"/bare:1", tt.flags...)
+				e.umount()
+			}
 			e.assertClean()
+			log, _ := os.ReadFile(filepath.Join(e.cache, "stargz-mount.log"))
+			var warnings []string
+			for _, line := range strings.Split(string(log), "\n") {
+				if strings.Contains(line, "TOC digest annotation") {
+					warnings = append(warnings, line)
+				}
+			}
+			if tt.unpacked == 0 {
+				if len(warnings) != 0 {
+					t.Errorf("lazily mounted, yet warned: %q", warnings)
+				}
+				return
+			}
+			if len(warnings) != 2 {
+				t.Fatalf("%d warnings about the missing annotation in two mounts, want one each:\n%s", len(warnings), log)
+			}
+			for _, w := range warnings {
+				for _, want := range []string{"level=WARN", "layer=" + b.Digest.String(), "not mounted lazily", "cannot be verified",
+					"containerd.io/snapshot/stargz/toc.digest", "ctr-remote image optimize", "nerdctl image convert --estargz", "--insecure-skip-verify"} {
+					if !strings.Contains(w, want) {
+						t.Errorf("warning %q does not say %q", w, want)
+					}
+				}
+			}
 		})
 	}
 }

@@ -11,6 +11,8 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -552,7 +554,28 @@ func TestTamperedChunk(t *testing.T) {
 	}
 	// The victim's data starts after the first tar header; a byte a few
 	// KiB into the blob lies in its first chunk's gzip stream.
-	data[8<<10] ^= 0xff
+	const flipped = 8 << 10
+	data[flipped] ^= 0xff
+	// The victim's chunk holding the flipped byte: its bytes of the file
+	// and of the blob.
+	er, err := estargz.Open(io.NewSectionReader(bytes.NewReader(b.Data), 0, int64(len(b.Data))))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var bad *estargz.TOCEntry
+	for off := int64(0); off < int64(len(victim)); {
+		c, ok := er.ChunkEntryForOffset("victim", off)
+		if !ok {
+			t.Fatalf("victim has no chunk at %d", off)
+		}
+		if c.Offset <= flipped && flipped < c.NextOffset() {
+			bad = c
+		}
+		off = c.ChunkOffset + c.ChunkSize
+	}
+	if bad == nil {
+		t.Fatalf("blob byte %d is in no chunk of victim", flipped)
+	}
 	if err := os.WriteFile(path, data, 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -570,14 +593,33 @@ func TestTamperedChunk(t *testing.T) {
 	}
 	e.umount()
 	e.assertClean()
+	// Each failed read is logged with layer, file, the read's offset and
+	// size (which cover the bad chunk) and the chunk's blob offset.
 	log, _ := os.ReadFile(filepath.Join(e.cache, "stargz-mount.log"))
-	if !strings.Contains(string(log), "path=/victim") || !strings.Contains(string(log), b.Digest.String()) {
-		t.Errorf("log does not name layer and file:\n%s", log)
+	failed := regexp.MustCompile(`msg="read failed" layer=(\S+) path=(\S+) offset=(\d+) size=(\d+) err=.*chunk at blob offset (\d+) `)
+	n := 0
+	for _, line := range strings.Split(string(log), "\n") {
+		m := failed.FindStringSubmatch(line)
+		if m == nil {
+			continue
+		}
+		n++
+		off, _ := strconv.ParseInt(m[3], 10, 64)
+		size, _ := strconv.ParseInt(m[4], 10, 64)
+		blobOff, _ := strconv.ParseInt(m[5], 10, 64)
+		if m[1] != b.Digest.String() || m[2] != "/victim" || blobOff != bad.Offset ||
+			off >= bad.ChunkOffset+bad.ChunkSize || off+size <= bad.ChunkOffset {
+			t.Errorf("log line %q: want layer %s, path /victim, a read overlapping bytes %d-%d, blob offset %d",
+				line, b.Digest, bad.ChunkOffset, bad.ChunkOffset+bad.ChunkSize-1, bad.Offset)
+		}
+	}
+	if n == 0 {
+		t.Errorf("log names no failed read with layer, file and offset:\n%s", log)
 	}
 
 	// Alter the TOC instead (a byte in the middle of the TOC region, which
 	// sits between the data and the 51-byte footer): the mount is refused.
-	data[8<<10] ^= 0xff // restore the chunk
+	data[flipped] ^= 0xff // restore the chunk
 	tocOff := len(b.Data) - 51 - 200
 	data[tocOff] ^= 0x01
 	if err := os.WriteFile(path, data, 0o644); err != nil {

@@ -7,6 +7,7 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -140,6 +141,8 @@ type layerOpener struct {
 
 	mu    sync.Mutex // guards holds
 	holds []func()   // releases the unpacked layers this mount uses
+
+	bareWarned sync.Map // layer digests told not mounted lazily for want of a TOC digest
 }
 
 // release lets go of the unpacked layers, for when the mount is gone.
@@ -297,7 +300,25 @@ func (o *layerOpener) openOne(ctx context.Context, i int, l fetcher.Layer, f lay
 	if err != nil {
 		return mount.Lower{}, fmt.Errorf("layer %d (%s, %s): %w", i, l.Digest, f.compression, err)
 	}
+	if f.compression == compressionGzip && !f.estargz && !o.skipVerify && unpackedEStargz(dir) {
+		if _, dup := o.bareWarned.LoadOrStore(l.Digest, true); !dup {
+			o.logger.Warn("eStargz layer without a TOC digest annotation ("+estargz.TOCJSONDigestAnnotation+
+				") is not mounted lazily, as its TOC cannot be verified: it is used unpacked, fetched whole and checked against its layer digest. "+
+				"To mount it lazily, push the image with the annotation (`ctr-remote image optimize` and `nerdctl image convert --estargz` write it), "+
+				"or pass --insecure-skip-verify to serve it lazily, unverified",
+				"layer", l.Digest, "index", i)
+		}
+	}
 	return mount.Lower{Dir: dir}, nil
+}
+
+// unpackedEStargz reports whether the unpacked layer in dir was an eStargz
+// blob: its TOC is a tar entry too, so unpacking leaves it at the root.
+// Looking costs no request, and works as well for a layer an earlier
+// mount unpacked.
+func unpackedEStargz(dir string) bool {
+	fi, err := os.Lstat(filepath.Join(dir, estargz.TOCTarName))
+	return err == nil && fi.Mode().IsRegular()
 }
 
 func (o *layerOpener) readerOptions(l fetcher.Layer) []reader.Option {

@@ -1,10 +1,12 @@
 package reader
 
 import (
+	"archive/tar"
 	"bytes"
 	"context"
 	"crypto/sha256"
 	"errors"
+	"fmt"
 	"io"
 	"os"
 	"strings"
@@ -258,4 +260,51 @@ func TestHugeTOCRefused(t *testing.T) {
 		t.Errorf("read %d bytes of a refused layer, want only its tail", blob.read)
 	}
 	t.Log(err)
+}
+
+// rawTOC writes a blob of 10 bytes of padding followed by a TOC whose JSON
+// is tocJSON, verbatim, and an eStargz footer; it returns the blob and the
+// TOC's digest. For TOCs the estargz library would not write.
+func rawTOC(t *testing.T, tocJSON []byte) (*memBlob, digest.Digest) {
+	t.Helper()
+	var buf bytes.Buffer
+	buf.Write(make([]byte, 10))
+	zw, err := gzip.NewWriterLevel(&buf, gzip.BestSpeed)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tw := tar.NewWriter(zw)
+	if err := tw.WriteHeader(&tar.Header{Name: estargz.TOCTarName, Typeflag: tar.TypeReg, Mode: 0o444, Size: int64(len(tocJSON))}); err != nil {
+		t.Fatal(err)
+	}
+	tw.Write(tocJSON)
+	if err := tw.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := zw.Close(); err != nil {
+		t.Fatal(err)
+	}
+	// The footer only records the TOC's offset: take one from the
+	// library, written for a TOC at the same offset.
+	var ref bytes.Buffer
+	if _, err := estargz.NewGzipCompressorWithLevel(1).WriteTOCAndFooter(&ref, 10, &estargz.JTOC{Version: 1}, sha256.New()); err != nil {
+		t.Fatal(err)
+	}
+	buf.Write(ref.Bytes()[ref.Len()-estargz.FooterSize:])
+	return &memBlob{data: buf.Bytes()}, digest.FromBytes(tocJSON)
+}
+
+// A TOC of one entry more than MaxEntries is refused while it is parsed.
+func TestTooManyEntries(t *testing.T) {
+	var b bytes.Buffer
+	b.WriteString(`{"version":1,"entries":[{"type":"dir"}`)
+	for range MaxEntries {
+		b.WriteString(`,{}`)
+	}
+	b.WriteString(`]}`)
+	blob, d := rawTOC(t, b.Bytes())
+	_, err := Open(context.Background(), blob, WithTOCDigest(d))
+	if want := fmt.Sprintf("more than the limit of %d entries", MaxEntries); err == nil || !strings.Contains(err.Error(), want) {
+		t.Fatalf("Open = %v, want an error containing %q", err, want)
+	}
 }

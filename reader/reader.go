@@ -51,9 +51,13 @@ const (
 )
 
 // ErrNoTOCDigest is returned when a layer has no TOC digest to verify
-// against and verification was not switched off.
-var ErrNoTOCDigest = errors.New("layer has no TOC digest to verify against (annotation " +
-	estargz.TOCJSONDigestAnnotation + " is missing)")
+// against and verification was not switched off. Its text says how to
+// proceed.
+var ErrNoTOCDigest = errors.New("layer has no TOC digest to verify its TOC against: " +
+	"push the image with the layer's TOC digest annotation (for eStargz, `ctr-remote image optimize` and " +
+	"`nerdctl image convert --estargz` write it; for zstd:chunked, `podman push --compression-format zstd:chunked`), " +
+	"or skip verification explicitly " +
+	"(stargz-mount --insecure-skip-verify, WithInsecureSkipVerify)")
 
 // ErrNotEStargz is returned for a blob without an eStargz footer.
 var ErrNotEStargz = errors.New("not an eStargz layer: no eStargz footer")
@@ -177,7 +181,7 @@ func openTail(ctx context.Context, b Blob, o *options, tb *tailBlob, early bool)
 		return nil, nil, fmt.Errorf("open %s: %w (%v)", o.name, ErrNotEStargz, err)
 	}
 	if o.tocDigest == "" && !o.skipVerify {
-		return nil, nil, fmt.Errorf("open %s: %w", o.name, ErrNoTOCDigest)
+		return nil, nil, fmt.Errorf("open %s: annotation %s is missing: %w", o.name, estargz.TOCJSONDigestAnnotation, ErrNoTOCDigest)
 	}
 	if tocOffset < 0 || tocOffset >= size {
 		return nil, nil, fmt.Errorf("open %s: footer points at TOC offset %d outside the %d-byte blob", o.name, tocOffset, size)
@@ -381,6 +385,8 @@ func parseTOC(b []byte) (*estargz.JTOC, error) {
 	return toc, nil
 }
 
+var errTooManyEntries = fmt.Errorf("TOC has more than the limit of %d entries", MaxEntries)
+
 // parseTOCSlow is parseTOC with encoding/json, for any JSON.
 func parseTOCSlow(b []byte) (*estargz.JTOC, error) {
 	dec := json.NewDecoder(bytes.NewReader(b))
@@ -425,7 +431,7 @@ func parseEntries(dec *json.Decoder, toc *estargz.JTOC) error {
 	}
 	for dec.More() {
 		if len(toc.Entries) == MaxEntries {
-			return fmt.Errorf("TOC has more than the limit of %d entries", MaxEntries)
+			return errTooManyEntries
 		}
 		e := new(estargz.TOCEntry)
 		if err := dec.Decode(e); err != nil {

@@ -252,8 +252,15 @@ func TestVerification(t *testing.T) {
 	ctx := context.Background()
 
 	t.Run("no TOC digest is refused", func(t *testing.T) {
-		if _, err := Open(ctx, blob, WithTOCDigest("")); !errors.Is(err, ErrNoTOCDigest) {
+		_, err := Open(ctx, blob, WithTOCDigest(""))
+		if !errors.Is(err, ErrNoTOCDigest) {
 			t.Errorf("Open without digest = %v, want ErrNoTOCDigest", err)
+		}
+		// The error says which annotation is missing and how to proceed.
+		for _, want := range []string{estargz.TOCJSONDigestAnnotation + " is missing", "ctr-remote image optimize", "--insecure-skip-verify"} {
+			if err == nil || !strings.Contains(err.Error(), want) {
+				t.Errorf("Open without digest = %v, want it to say %q", err, want)
+			}
 		}
 		if _, err := Open(ctx, blob, WithInsecureSkipVerify(true)); err != nil {
 			t.Errorf("Open with skip-verify: %v", err)
@@ -390,24 +397,54 @@ func TestHostileTOC(t *testing.T) {
 	tests := []struct {
 		name    string
 		entries []*estargz.TOCEntry
-		want    string // in the error; "" means Open succeeds
+		want    string                       // in the error; "" means Open succeeds
+		check   func(t *testing.T, l *Layer) // what Open made, when it succeeds
 	}{
-		{"TOC gzip bomb", []*estargz.TOCEntry{{Name: strings.Repeat("a", MaxTOCJSONBytes), Type: "dir"}}, "TOC decompresses to more than"},
-		{"negative size", []*estargz.TOCEntry{reg("f", -5, 10)}, "negative size"},
-		{"chunk list of terabytes", []*estargz.TOCEntry{reg("f", 1<<60, 10, func(e *estargz.TOCEntry) { e.ChunkSize = 1 })}, "more than"},
-		{"chunk outside the blob", []*estargz.TOCEntry{reg("f", 10, 1<<40)}, "outside the layer data"},
-		{"chunk at offset 0", []*estargz.TOCEntry{reg("f", 10, 0)}, "outside the layer data"},
-		{"absurd chunk size", []*estargz.TOCEntry{reg("f", 1<<40, 10)}, "exceeds the limit"},
-		{"absurd inner offset", []*estargz.TOCEntry{reg("f", 10, 10, func(e *estargz.TOCEntry) { e.InnerOffset = 1 << 40 })}, "inner offset"},
-		{"missing chunk digest", []*estargz.TOCEntry{reg("f", 10, 5, func(e *estargz.TOCEntry) { e.ChunkDigest = "" })}, "no digest"},
-		{"bad chunk digest", []*estargz.TOCEntry{reg("f", 10, 5, func(e *estargz.TOCEntry) { e.ChunkDigest = "md5:zz" })}, "bad chunk digest"},
-		{"unknown type", []*estargz.TOCEntry{{Name: "x", Type: "socket"}}, "unknown entry type"},
-		{"device out of range", []*estargz.TOCEntry{{Name: "d", Type: "char", DevMajor: 1 << 20}}, "out of range"},
-		{"hardlink to a missing entry", []*estargz.TOCEntry{{Name: "l", Type: "hardlink", LinkName: "nowhere"}}, "not in the layer"},
-		{"hardlink to a directory", []*estargz.TOCEntry{{Name: "d", Type: "dir"}, {Name: "l", Type: "hardlink", LinkName: "d"}}, "hardlink to a directory"},
-		{"too deep", deep(MaxDepth + 2), "nested deeper"},
-		{"dot-dot and absolute names are confined", []*estargz.TOCEntry{{Name: "../../etc", Type: "dir"}, {Name: "/abs", Type: "dir"}}, ""},
-		{"child of a non-directory is dropped", []*estargz.TOCEntry{{Name: "f", Type: "symlink", LinkName: "x"}, {Name: "f/child", Type: "dir"}}, ""},
+		{"TOC gzip bomb", []*estargz.TOCEntry{{Name: strings.Repeat("a", MaxTOCJSONBytes), Type: "dir"}}, "TOC decompresses to more than", nil},
+		{"negative size", []*estargz.TOCEntry{reg("f", -5, 10)}, "negative size", nil},
+		{"negative offset", []*estargz.TOCEntry{reg("f", 10, -5)}, "chunk at blob offset -5 (inner 0, end 10) lies outside the layer data", nil},
+		{"negative chunk size", []*estargz.TOCEntry{reg("f", 10, 5, func(e *estargz.TOCEntry) { e.ChunkSize = -1 })}, "entry 0: negative size", nil},
+		{"negative chunk size in a chunk entry", []*estargz.TOCEntry{
+			reg("f", 10, 5, func(e *estargz.TOCEntry) { e.ChunkSize = 5 }),
+			{Name: "f", Type: "chunk", Offset: 7, ChunkOffset: 5, ChunkSize: -5, ChunkDigest: digest.FromString("x").String()},
+		}, "entry 1: negative size", nil},
+		{"negative offset in a chunk entry", []*estargz.TOCEntry{
+			reg("f", 10, 5, func(e *estargz.TOCEntry) { e.ChunkSize = 5 }),
+			{Name: "f", Type: "chunk", Offset: -3, ChunkOffset: 5, ChunkSize: 5, ChunkDigest: digest.FromString("x").String()},
+		}, "lies outside the layer data", nil},
+		{"empty-named regular file", []*estargz.TOCEntry{reg("", 10, 5)}, `an entry of type "reg" has an empty name`, nil},
+		{"regular file named /", []*estargz.TOCEntry{{Name: "a", Type: "dir"}, reg("/", 10, 5)}, `an entry of type "reg" has an empty name`, nil},
+		{"chunk list of terabytes", []*estargz.TOCEntry{reg("f", 1<<60, 10, func(e *estargz.TOCEntry) { e.ChunkSize = 1 })}, "more than", nil},
+		{"chunk outside the blob", []*estargz.TOCEntry{reg("f", 10, 1<<40)}, "outside the layer data", nil},
+		{"chunk at offset 0", []*estargz.TOCEntry{reg("f", 10, 0)}, "outside the layer data", nil},
+		{"absurd chunk size", []*estargz.TOCEntry{reg("f", 1<<40, 10)}, "exceeds the limit", nil},
+		{"absurd inner offset", []*estargz.TOCEntry{reg("f", 10, 10, func(e *estargz.TOCEntry) { e.InnerOffset = 1 << 40 })}, "inner offset", nil},
+		{"missing chunk digest", []*estargz.TOCEntry{reg("f", 10, 5, func(e *estargz.TOCEntry) { e.ChunkDigest = "" })}, "no digest", nil},
+		{"bad chunk digest", []*estargz.TOCEntry{reg("f", 10, 5, func(e *estargz.TOCEntry) { e.ChunkDigest = "md5:zz" })}, "bad chunk digest", nil},
+		{"unknown type", []*estargz.TOCEntry{{Name: "x", Type: "socket"}}, "unknown entry type", nil},
+		{"device out of range", []*estargz.TOCEntry{{Name: "d", Type: "char", DevMajor: 1 << 20}}, "out of range", nil},
+		{"hardlink to a missing entry", []*estargz.TOCEntry{{Name: "l", Type: "hardlink", LinkName: "nowhere"}}, "not in the layer", nil},
+		{"hardlink to a directory", []*estargz.TOCEntry{{Name: "d", Type: "dir"}, {Name: "l", Type: "hardlink", LinkName: "d"}}, "hardlink to a directory", nil},
+		{"too deep", deep(MaxDepth + 2), "nested deeper", nil},
+		{"dot-dot and absolute names are confined", []*estargz.TOCEntry{{Name: "../../etc", Type: "dir"}, {Name: "/abs", Type: "dir"}}, "", nil},
+		// README.md's Trust section: a child of a non-directory is dropped.
+		{"child of a non-directory is dropped", []*estargz.TOCEntry{
+			{Name: "f", Type: "symlink", LinkName: "x"}, {Name: "f/child", Type: "dir"},
+			{Name: "g", Type: "reg"}, {Name: "g/child", Type: "reg"}, {Name: "g/child/deeper", Type: "dir"},
+		}, "", func(t *testing.T, l *Layer) {
+			if got := names(l.Root()); got != "f|g" {
+				t.Errorf("root holds %q, want f|g", got)
+			}
+			for _, p := range []string{"f", "g"} {
+				n, _ := l.Root().Lookup(p)
+				if n.IsDir() || len(n.Children()) != 0 {
+					t.Errorf("%s: mode %v, children %v; want a childless non-directory", p, n.Mode, n.Children())
+				}
+			}
+			if n, _ := l.Root().Lookup("f"); n.Link != "x" {
+				t.Errorf("f -> %q, want x", n.Link)
+			}
+		}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -427,6 +464,9 @@ func TestHostileTOC(t *testing.T) {
 					}
 				}
 				walk(l.Root())
+				if tt.check != nil {
+					tt.check(t, l)
+				}
 				return
 			}
 			if err == nil || !strings.Contains(err.Error(), tt.want) {
@@ -482,4 +522,13 @@ func BenchmarkOpen(b *testing.B) {
 			b.Fatal(err)
 		}
 	}
+}
+
+// names joins the names of dir's entries with "|".
+func names(dir *Node) string {
+	var s []string
+	for _, c := range dir.Children() {
+		s = append(s, c.Name)
+	}
+	return strings.Join(s, "|")
 }

@@ -303,7 +303,7 @@ func (s *tocScanner) entries(add func(*estargz.TOCEntry) error) error {
 	var e estargz.TOCEntry
 	for n := 0; ; n++ {
 		if n == MaxEntries {
-			return errSlowPath // let the general decoder word it
+			return errTooManyEntries // the general decoder would read them all again to say so
 		}
 		e = estargz.TOCEntry{}
 		if err := s.entry(&e); err != nil {

@@ -130,6 +130,7 @@ type treeBuilder struct {
 	// holds the files with chunk entries whose own chunk is not listed.
 	lastListed bool
 	unlisted   map[*Node]bool
+	bad        map[*Node]string // what is wrong with an entry, told if the tree reaches it
 
 	nextIno uint64
 	entries int
@@ -183,9 +184,14 @@ func (b *treeBuilder) add(e *estargz.TOCEntry) error {
 	if e.Type == "hardlink" {
 		it.link = cleanEntryName(e.LinkName)
 	} else {
-		n, err := b.newNode(e, name)
-		if err != nil {
-			return err
+		n, problem := b.newNode(e)
+		if problem != "" {
+			// As with the library, an entry the tree never reaches
+			// is no error; visit reports one it reaches.
+			if b.bad == nil {
+				b.bad = map[*Node]string{}
+			}
+			b.bad[n] = problem
 		}
 		it.node = n
 	}
@@ -198,17 +204,18 @@ func (b *treeBuilder) add(e *estargz.TOCEntry) error {
 	return nil
 }
 
-// newNode makes the node of entry e, named name, with its chunks as the
-// TOC lists them (checked when the tree reaches the node).
-func (b *treeBuilder) newNode(e *estargz.TOCEntry, name string) (*Node, error) {
-	if e.UID < 0 || e.GID < 0 || int64(e.UID) > 1<<32-1 || int64(e.GID) > 1<<32-1 {
-		return nil, fmt.Errorf("/%s: owner %d:%d out of range", name, e.UID, e.GID)
-	}
+// newNode makes the node of entry e, with its chunks as the TOC lists them
+// (checked when the tree reaches the node), and says what is wrong with
+// the entry, if anything.
+func (b *treeBuilder) newNode(e *estargz.TOCEntry) (n *Node, problem string) {
 	mt, _ := time.Parse(time.RFC3339, e.ModTime3339)
 	if mt.IsZero() {
 		mt = time.Unix(0, 0) // as a tar header of 0 gives
 	}
-	n := &Node{UID: uint32(e.UID), GID: uint32(e.GID), MTime: mt}
+	n = &Node{UID: uint32(e.UID), GID: uint32(e.GID), MTime: mt}
+	if e.UID < 0 || e.GID < 0 || int64(e.UID) > 1<<32-1 || int64(e.GID) > 1<<32-1 {
+		problem = fmt.Sprintf("owner %d:%d out of range", e.UID, e.GID)
+	}
 	perm := os.FileMode(e.Mode & 0o777)
 	if e.Mode&0o4000 != 0 {
 		perm |= os.ModeSetuid
@@ -225,7 +232,7 @@ func (b *treeBuilder) newNode(e *estargz.TOCEntry, name string) (*Node, error) {
 	case "reg":
 		n.Mode = perm
 		if e.Size < 0 {
-			return nil, fmt.Errorf("/%s: negative size %d", name, e.Size)
+			return n, fmt.Sprintf("negative size %d", e.Size)
 		}
 		n.Size = e.Size
 		if e.Size > 0 {
@@ -252,13 +259,13 @@ func (b *treeBuilder) newNode(e *estargz.TOCEntry, name string) (*Node, error) {
 			n.Mode |= os.ModeCharDevice
 		}
 		if e.DevMajor < 0 || e.DevMinor < 0 || e.DevMajor >= 1<<12 || e.DevMinor >= 1<<20 {
-			return nil, fmt.Errorf("/%s: device %d:%d out of range", name, e.DevMajor, e.DevMinor)
+			problem = fmt.Sprintf("device %d:%d out of range", e.DevMajor, e.DevMinor)
 		}
 		n.Major, n.Minor = uint32(e.DevMajor), uint32(e.DevMinor)
 	case "fifo":
 		n.Mode = os.ModeNamedPipe | perm
 	default:
-		return nil, fmt.Errorf("/%s: unknown entry type %q", name, e.Type)
+		return n, fmt.Sprintf("unknown entry type %q", e.Type)
 	}
 	for k, v := range e.Xattrs {
 		// The overlay's own xattrs are never image content: a layer must
@@ -273,7 +280,24 @@ func (b *treeBuilder) newNode(e *estargz.TOCEntry, name string) (*Node, error) {
 		}
 		n.Xattrs[k] = v
 	}
-	return n, nil
+	return n, problem
+}
+
+// typeName is the TOC type of a node of mode m.
+func typeName(m os.FileMode) string {
+	switch {
+	case m.IsDir():
+		return "dir"
+	case m.IsRegular():
+		return "reg"
+	case m&os.ModeSymlink != 0:
+		return "symlink"
+	case m&os.ModeCharDevice != 0:
+		return "char"
+	case m&os.ModeDevice != 0:
+		return "block"
+	}
+	return "fifo"
 }
 
 // cleanEntryName is a TOC entry's name as the estargz library reads it:
@@ -349,12 +373,22 @@ func (b *treeBuilder) finish() error {
 			p.children = append(p.children, Dirent{path.Base(it.name), n})
 		}
 	}
+	// Names are cleaned, so "", ".", "/" and "a/.." all name the root;
+	// the last such entry is the root and must be a directory.
 	root := b.items[b.byName[""]].node
 	if root == nil || !root.IsDir() {
-		return fmt.Errorf("TOC has no root directory")
+		what := "an entry of type \"hardlink\""
+		switch {
+		case root != nil && b.bad[root] != "":
+			what = "an entry with " + b.bad[root]
+		case root != nil:
+			what = fmt.Sprintf("an entry of type %q", typeName(root.Mode))
+		}
+		return fmt.Errorf("TOC has no root directory: %s has an empty name (or one that cleans to the root)", what)
 	}
-	b.items, b.byName = nil, nil // the tree holds what is left
-	b.visit(root, nil, "")
+	if err := b.visit(root, nil, ""); err != nil {
+		return err
+	}
 	b.l.root = root
 	type item struct {
 		node  *Node
@@ -388,6 +422,9 @@ func (b *treeBuilder) visit(n *Node, parent *Node, name string) error {
 	}
 	b.nextIno++
 	n.Ino, n.name, n.parent = b.nextIno, name, parent
+	if p := b.bad[n]; p != "" {
+		return fmt.Errorf("%s: %s", n.Path(), p)
+	}
 	n.Nlink = 1
 	if n.IsDir() {
 		n.Nlink = 2
@@ -400,7 +437,9 @@ func (b *treeBuilder) visit(n *Node, parent *Node, name string) error {
 
 // children puts dir's entries in order, with the whiteouts, opaque marker
 // and landmarks taken out, and returns the subdirectories to descend
-// into.
+// into. Only directories have children: a TOC entry under a non-directory
+// ("f/child" where f is a file or symlink) is dropped, as README.md's
+// Trust section documents.
 func (b *treeBuilder) children(dir *Node) ([]*Node, error) {
 	// Of entries with one name the last wins: a stable sort keeps TOC
 	// order among them.

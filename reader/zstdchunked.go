@@ -61,7 +61,7 @@ func OpenZstdChunked(ctx context.Context, b Blob, checksum digest.Digest, positi
 		return fail("TOC of %d bytes decompressed exceeds the limit of %d", rawLen, MaxTOCJSONBytes)
 	}
 	if checksum == "" && !o.skipVerify {
-		return nil, fmt.Errorf("open %s: %w", o.name, ErrNoTOCDigest)
+		return nil, fmt.Errorf("open %s: zstd:chunked manifest-checksum annotation is missing: %w", o.name, ErrNoTOCDigest)
 	}
 	if checksum != "" {
 		if err := checksum.Validate(); err != nil {
