@@ -139,6 +139,25 @@ func cpuSeconds(pid int) float64 {
 	return (statField(pid, 14) + statField(pid, 15)) / 100 // USER_HZ is 100 on Linux
 }
 
+// machineCPU returns the busy and total CPU time of the machine so far,
+// in clock ticks, from /proc/stat.
+func machineCPU() (busy, all float64) {
+	b, err := os.ReadFile("/proc/stat")
+	if err != nil {
+		return 0, 0
+	}
+	line, _, _ := strings.Cut(string(b), "\n")
+	f := strings.Fields(line)
+	for i, v := range f[1:] {
+		x, _ := strconv.ParseFloat(v, 64)
+		all += x
+		if i != 3 && i != 4 { // idle, iowait
+			busy += x
+		}
+	}
+	return busy, all
+}
+
 // minorFaults returns the minor page faults pid has taken.
 func minorFaults(pid int) float64 { return statField(pid, 10) }
 
@@ -381,6 +400,7 @@ func (b *bench) bigRead(ref string, im image, local string, flags ...string) (sa
 	b.tracer.reset()
 	pid := serverPID(b.bin, mnt)
 	cpu0, flt0 := cpuSeconds(pid), minorFaults(pid)
+	busy0, all0 := machineCPU()
 	cold, err := catFile(filepath.Join(mnt, "big.bin"))
 	if err != nil {
 		return nil, err
@@ -391,6 +411,9 @@ func (b *bench) bigRead(ref string, im image, local string, flags ...string) (sa
 	s["cold_s"], s["cold_MBps"], s["cold_bytes"] = cold, size/cold/1e6, float64(b.proxy.Stats().Bytes)
 	s["cold_server_cpu_s"] = cpuSeconds(pid) - cpu0
 	s["cold_server_minor_faults"] = minorFaults(pid) - flt0
+	if busy1, all1 := machineCPU(); all1 > all0 {
+		s["cold_machine_cpu_busy"] = (busy1 - busy0) / (all1 - all0) // share of all cores busy
+	}
 	page, err := catFile(filepath.Join(mnt, "big.bin"))
 	if err != nil {
 		return nil, err
