@@ -56,7 +56,7 @@ func mainErr() error {
 	memory := flag.String("memory", "256MiB", "--cache-max-memory given to stargz-mount: the memory budget the RSS target is checked against")
 	bigMiB := flag.Int64("big-mib", 256, "size of the big random file in MiB")
 	only := flag.String("cases", "", "comma-separated `NAMES` of the cases to measure (default: all; a partial run prints its medians and writes nothing; full-pull, gzip, estargz, estargz-prio, big, estargz-prio-nobg, big-nobg)")
-	perfRead := flag.Bool("perf", false, "with --cases: also profile the server during a cold read of the big file and print the report")
+	perfRead := flag.Bool("perf", false, "with --cases: also profile the server during a cold read of the big file, and stargz-mount --daemon mounting the python3 image, and print the reports")
 	rewrite := flag.Bool("rewrite", false, "measure nothing: regenerate chart.svg and BENCHMARKS.md from DIR/results.json (after editing bench/notes.md)")
 	flag.Parse()
 
@@ -211,6 +211,10 @@ func mainErr() error {
 				return err
 			}
 			fmt.Print(rep)
+			if rep, err = b.profileMount(ref("estargz-prio"), b.work); err != nil {
+				return err
+			}
+			fmt.Print("\n=== mounting the python3 image ===\n", rep)
 		}
 		return nil
 	}
