@@ -8,12 +8,15 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"os"
+	"runtime"
 	"strings"
 	"testing"
 
 	"github.com/containerd/stargz-snapshotter/estargz"
 	"github.com/klauspost/compress/gzip"
+	"github.com/klauspost/compress/zstd"
 	"github.com/opencontainers/go-digest"
 )
 
@@ -307,4 +310,47 @@ func TestTooManyEntries(t *testing.T) {
 	if want := fmt.Sprintf("more than the limit of %d entries", MaxEntries); err == nil || !strings.Contains(err.Error(), want) {
 		t.Fatalf("Open = %v, want an error containing %q", err, want)
 	}
+}
+
+// TestDeclaredSizeNotAllocated: a chunk whose TOC entry declares far more
+// bytes than its data holds costs memory for what the data holds, not for
+// what is declared.
+func TestDeclaredSizeNotAllocated(t *testing.T) {
+	rnd := make([]byte, 64<<10) // incompressible: 64 KiB of gzip may declare 64 MiB
+	r := rand.New(rand.NewPCG(5, 6))
+	for i := range rnd {
+		rnd[i] = byte(r.Uint32())
+	}
+	var gz bytes.Buffer
+	zw, _ := gzip.NewWriterLevel(&gz, gzip.BestCompression)
+	zw.Write(rnd)
+	zw.Close()
+	tests := []struct {
+		name string
+		c    chunk
+		comp []byte
+	}{
+		{"gzip", chunk{size: int64(gz.Len()) * 1000}, gz.Bytes()},
+		{"zstd", chunk{size: 60 << 20, zstd: true}, zstdFrame(rnd)},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var before, after runtime.MemStats
+			runtime.ReadMemStats(&before)
+			_, err := decode(&tt.c, tt.comp)
+			runtime.ReadMemStats(&after)
+			if !errors.Is(err, ErrCorrupt) {
+				t.Fatalf("decode = %v, want a corrupt-chunk error", err)
+			}
+			if got := after.TotalAlloc - before.TotalAlloc; got > 8<<20 {
+				t.Fatalf("decoding %d bytes declared as %d allocated %d MiB", len(rnd), tt.c.size, got>>20)
+			}
+		})
+	}
+}
+
+func zstdFrame(data []byte) []byte {
+	enc, _ := zstd.NewWriter(nil)
+	defer enc.Close()
+	return enc.EncodeAll(data, nil)
 }

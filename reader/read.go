@@ -487,18 +487,31 @@ func decode(c *chunk, comp []byte) ([]byte, error) {
 		return nil, fmt.Errorf("%w: blob bytes %d-%d are not gzip: %v", ErrCorrupt, c.blobOff, c.blobEnd-1, err)
 	}
 	defer zr.Close()
-	return readChunk(c, zr, "gzip member")
+	return readChunk(c, zr, "gzip member", int64(len(comp)))
 }
 
 // readChunk reads chunk c from r, the decompressed unit (gzip member, zstd
-// frame) holding it, and verifies it.
-func readChunk(c *chunk, r io.Reader, unit string) ([]byte, error) {
+// frame) of compLen compressed bytes holding it, and verifies it. Memory
+// follows what r yields, not what the TOC declares: a hostile TOC may
+// declare 64 MiB for a chunk whose data holds a few bytes. The first
+// buffer holds what a 16:1 ratio would give, and it grows by doubling.
+func readChunk(c *chunk, r io.Reader, unit string, compLen int64) ([]byte, error) {
 	if _, err := io.CopyN(io.Discard, r, c.inner); err != nil {
 		return nil, fmt.Errorf("%w: %s at %d ends before inner offset %d: %v", ErrCorrupt, unit, c.blobOff, c.inner, err)
 	}
-	data := newBuffer(c.size)
-	if _, err := io.ReadFull(r, data); err != nil {
-		return nil, fmt.Errorf("%w: %s at %d holds less than the %d bytes the TOC declares: %v", ErrCorrupt, unit, c.blobOff, c.size, err)
+	data := newBuffer(min(c.size, max(1<<20, 16*compLen)))
+	for got := 0; ; {
+		k, err := io.ReadFull(r, data[got:])
+		got += k
+		if err != nil {
+			return nil, fmt.Errorf("%w: %s at %d holds less than the %d bytes the TOC declares: %v", ErrCorrupt, unit, c.blobOff, c.size, err)
+		}
+		if int64(got) == c.size {
+			break
+		}
+		more := newBuffer(min(c.size, 2*int64(len(data))))
+		copy(more, data)
+		data = more
 	}
 	return data, verifyDigest(c, data)
 }

@@ -163,5 +163,5 @@ func decodeZstd(c *chunk, comp []byte) ([]byte, error) {
 	if err := zr.Reset(bytes.NewReader(comp)); err != nil {
 		return nil, fmt.Errorf("%w: blob bytes %d-%d are not zstd: %v", ErrCorrupt, c.blobOff, c.blobEnd-1, err)
 	}
-	return readChunk(c, zr, "zstd frame")
+	return readChunk(c, zr, "zstd frame", int64(len(comp)))
 }
