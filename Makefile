@@ -18,7 +18,7 @@ demo:
 
 # Installs the Debian packages the tests use if any is missing and we are root.
 have-deps:
-	@missing=; for c in fusermount3 docker-registry skopeo umoci runc crun podman debootstrap fuse-overlayfs newuidmap htpasswd; do command -v $$c >/dev/null || missing=1; done; \
+	@missing=; for c in fusermount3 docker-registry skopeo umoci runc crun podman debootstrap fuse-overlayfs newuidmap htpasswd pkill; do command -v $$c >/dev/null || missing=1; done; \
 	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then $(MAKE) deps; fi
 
 # The test command CI runs. The root package's end-to-end tests drive the
@@ -42,7 +42,7 @@ test: have-deps
 # Debian packages the tests use.
 deps:
 	apt-get update -qq
-	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fuse3 docker-registry skopeo umoci runc crun podman debootstrap fuse-overlayfs uidmap apache2-utils
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fuse3 docker-registry skopeo umoci runc crun podman debootstrap fuse-overlayfs uidmap apache2-utils procps
 
 # Benchmarks on a shaped link (not part of test): regenerates BENCHMARKS.md
 # and bench/results/. Needs root; takes a few minutes and most of the CPU.
