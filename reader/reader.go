@@ -395,6 +395,7 @@ func parseTOCSlow(b []byte) (*estargz.JTOC, error) {
 		return nil, bad(err)
 	}
 	toc := new(estargz.JTOC)
+	seenEntries := false
 	for dec.More() {
 		t, err := dec.Token()
 		if err != nil {
@@ -407,7 +408,10 @@ func parseTOCSlow(b []byte) (*estargz.JTOC, error) {
 		case strings.EqualFold(key, "version"):
 			err = dec.Decode(&toc.Version)
 		case strings.EqualFold(key, "entries"):
-			toc.Entries = nil
+			if seenEntries {
+				return nil, bad(errTwoEntries)
+			}
+			seenEntries = true
 			err = parseEntries(dec, toc)
 		default:
 			var skip json.RawMessage

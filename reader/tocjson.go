@@ -18,6 +18,11 @@ import (
 
 var errSlowPath = errors.New("TOC JSON needs the general decoder")
 
+// errTwoEntries refuses a TOC with two entries arrays: encoding/json
+// (the estargz library) would decode the second over the first's entries,
+// field by field, which no writer means.
+var errTwoEntries = errors.New("two entries arrays")
+
 type tocScanner struct {
 	b []byte
 	i int
@@ -262,7 +267,7 @@ func scanTOC(b []byte, add func(*estargz.TOCEntry) error) (version int, err erro
 			return s.setIntInt(&version)
 		case "entries":
 			if seen {
-				return errSlowPath // a second array replaces the first
+				return errTwoEntries
 			}
 			seen = true
 			return s.entries(add)
