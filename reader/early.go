@@ -70,9 +70,14 @@ type region struct {
 	dstop   atomic.Bool      // stop decoding members
 }
 
-// maxEarlyDecode bounds the bytes the early decoder decompresses; past
-// it, Prefetch decodes the rest.
-const maxEarlyDecode = 64 << 20
+// maxEarlyRegion bounds the prioritized region fetched early (held whole
+// in memory until Prefetch takes it); a larger one is left to Prefetch,
+// which holds a segment at a time. maxEarlyDecode bounds the bytes the
+// early decoder decompresses; past it, Prefetch decodes the rest.
+const (
+	maxEarlyRegion = 16 << 20
+	maxEarlyDecode = 32 << 20
+)
 
 // startRegion reads n bytes of b at off in the background, in one
 // request, and with gzip set decompresses its gzip members meanwhile.

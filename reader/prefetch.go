@@ -56,29 +56,34 @@ func (l *Layer) Prefetch(ctx context.Context) error {
 	// fetching them again.
 	calls := l.claim(units, todo)
 	// Chunks are decoded, on every core, as their bytes arrive: the mount
-	// waits for the prefetch, and decoding is most of its CPU time.
+	// waits for the prefetch, and decoding is most of its CPU time. They
+	// come in segments of at most prefetchSegment compressed bytes, each
+	// decoded and handed over before the next is read, so memory holds one
+	// segment, not the region (which may be gigabytes).
 	var (
-		comp      []byte
-		fill      func(int64) error
-		closeFill func()
-		err       error
-		members   map[int64][]byte // decompressed early, by blob offset
+		bytesAt func(from, to int64) ([]byte, error) // blob bytes [from, to)
+		done    func()
+		err     error
+		members map[int64][]byte // decompressed early, by blob offset
 	)
 	if r := l.takeEarly(); r != nil && r.off <= start && end <= r.off+int64(len(r.buf)) {
 		// Requested, and partly decompressed, while the TOC was parsed
 		// (early.go).
 		members = r.decoded()
-		comp = r.buf[start-r.off : end-r.off]
-		fill = func(n int64) error { return r.fill(start - r.off + n) }
-		closeFill = r.cancel
+		bytesAt = func(from, to int64) ([]byte, error) {
+			if err := r.fill(to - r.off); err != nil {
+				return nil, err
+			}
+			return r.buf[from-r.off : to-r.off], nil
+		}
+		done = r.cancel
 		stop := context.AfterFunc(ctx, r.cancel)
 		defer stop()
 	} else {
 		if r != nil {
 			r.cancel()
 		}
-		comp = make([]byte, end-start)
-		fill, closeFill, err = l.filler(ctx, comp, start)
+		bytesAt, done, err = l.streamer(ctx, start, end)
 	}
 	fail := func(err error) error {
 		return fmt.Errorf("prefetch %s: blob bytes %d-%d: %w", l.name, start, end-1, err)
@@ -95,46 +100,63 @@ func (l *Layer) Prefetch(ctx context.Context) error {
 		return err
 	}
 	var bad atomic.Int64
-	var g errgroup.Group
-	g.SetLimit(runtime.GOMAXPROCS(0))
-	for x, i := range todo {
-		c, cl := units[i].c, calls[x]
-		if cl == nil || c.blobEnd > end {
-			if cl != nil {
-				cl.err = fmt.Errorf("prefetch %s: chunk at %d outside the prioritized region", l.name, c.blobOff)
+	for from := 0; from < len(todo); {
+		// The segment: todo[from:to], blob bytes [segOff, segEnd).
+		segOff := units[todo[from]].c.blobOff
+		segEnd, to := segOff, from
+		for ; to < len(todo); to++ {
+			c := units[todo[to]].c
+			if to > from && c.blobEnd-segOff > prefetchSegment {
+				break
 			}
-			continue
+			segEnd = max(segEnd, min(c.blobEnd, end))
 		}
+		var seg []byte
 		if err == nil {
-			if err = fill(c.blobEnd - start); err != nil {
+			if seg, err = bytesAt(segOff, segEnd); err != nil {
 				err = fail(err)
 			}
 		}
-		if err != nil {
-			cl.err = err
-			continue
-		}
-		g.Go(func() error {
-			if m, ok := members[c.blobOff]; ok && c.inner >= 0 && c.inner+c.size <= int64(len(m)) {
-				cl.data, cl.err = verifyChunk(c, m)
-			} else {
-				cl.data, cl.err = decode(c, comp[c.blobOff-start:c.blobEnd-start])
+		var g errgroup.Group
+		g.SetLimit(runtime.GOMAXPROCS(0))
+		for x := from; x < to; x++ {
+			c, cl := units[todo[x]].c, calls[x]
+			switch {
+			case cl == nil:
+				continue
+			case c.blobEnd > end:
+				cl.err = fmt.Errorf("prefetch %s: chunk at %d outside the prioritized region", l.name, c.blobOff)
+				continue
+			case err != nil:
+				cl.err = err
+				continue
 			}
-			if cl.err != nil {
-				bad.Add(1)
-				l.logger.Warn("prefetch: bad chunk", "layer", l.name, "offset", c.blobOff, "err", cl.err)
+			g.Go(func() error {
+				if m, ok := members[c.blobOff]; ok && c.inner >= 0 && c.inner+c.size <= int64(len(m)) {
+					cl.data, cl.err = verifyChunk(c, m)
+				} else {
+					cl.data, cl.err = decode(c, seg[c.blobOff-segOff:c.blobEnd-segOff])
+				}
+				if cl.err != nil {
+					bad.Add(1)
+					l.logger.Warn("prefetch: bad chunk", "layer", l.name, "offset", c.blobOff, "err", cl.err)
+					return nil
+				}
+				l.keep(c, cl.data)
 				return nil
-			}
-			l.keep(c, cl.data)
-			return nil
-		})
+			})
+		}
+		g.Wait()
+		l.settle(units, todo[from:to], calls[from:to])
+		for x := from; x < to; x++ {
+			delete(members, units[todo[x]].c.blobOff) // kept in the cache now
+		}
+		from = to
 	}
-	closeFill()
+	done()
 	if err == nil {
-		l.counted(len(comp))
+		l.counted(int(end - start))
 	}
-	g.Wait()
-	l.settle(units, todo, calls)
 	if err != nil {
 		l.acct.prefetch.Store("failed")
 		return err
@@ -144,6 +166,27 @@ func (l *Layer) Prefetch(ctx context.Context) error {
 		return fmt.Errorf("prefetch %s: %d chunks did not verify", l.name, n)
 	}
 	return nil
+}
+
+// prefetchSegment bounds the compressed bytes of a prefetch held at once.
+const prefetchSegment = 16 << 20
+
+// streamer reads blob bytes [start, end) in one request, front to back,
+// holding one segment at a time: bytesAt(from, to) returns [from, to),
+// valid until the next call, with from ascending. Call done when finished.
+func (l *Layer) streamer(ctx context.Context, start, end int64) (bytesAt func(from, to int64) ([]byte, error), done func(), err error) {
+	if rs, ok := l.blob.(rangeStreamer); ok {
+		rc, err := rs.OpenRange(ctx, start, end-start)
+		if err != nil {
+			return nil, nil, err
+		}
+		w := &window{r: rc, off: start, pos: start}
+		return w.bytes, func() { rc.Close() }, nil
+	}
+	return func(from, to int64) ([]byte, error) {
+		buf := make([]byte, to-from)
+		return buf, readFull(ctx, l.blob, buf, from)
+	}, func() {}, nil
 }
 
 // After a prefetch, disk-cache writes wait for writeIdle without use of

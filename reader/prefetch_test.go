@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -454,5 +455,56 @@ func TestEarlyPrefetchTampered(t *testing.T) {
 		if err != nil || !bytes.Equal(out, files[p]) {
 			t.Errorf("%s: %v, right bytes %v", p, err, bytes.Equal(out, files[p]))
 		}
+	}
+}
+
+// streamBlob is a memBlob that streams ranges, as the fetcher does.
+type streamBlob struct{ *memBlob }
+
+func (s streamBlob) OpenRange(ctx context.Context, off, n int64) (io.ReadCloser, error) {
+	s.reads.Add(1)
+	return io.NopCloser(bytes.NewReader(s.data[off : off+n])), nil
+}
+
+// TestPrefetchSegments: a prioritized region larger than a segment comes
+// in one streamed request, is decoded segment by segment, and every
+// prioritized file then reads without a request.
+func TestPrefetchSegments(t *testing.T) {
+	files := map[string][]byte{}
+	var entries []lt.Entry
+	var prio []string
+	for i := range 3 {
+		name := fmt.Sprintf("p%d", i)
+		files[name] = lt.Random(name, 8<<20)
+		entries = append(entries, lt.File(name, files[name]))
+		prio = append(prio, name)
+	}
+	entries = append(entries, lt.File("rest", lt.Random("rest", 100)))
+	b, err := lt.Estargz(lt.Tar(entries...), estargz.WithPrioritizedFiles(prio))
+	if err != nil {
+		t.Fatal(err)
+	}
+	blob := streamBlob{&memBlob{data: b.Data}}
+	l, err := Open(context.Background(), blob, WithTOCDigest(digest.Digest(b.TOCDigest)), WithCache(NewCache(256<<20)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if l.PrefetchBytes() <= prefetchSegment {
+		t.Fatalf("prioritized region of %d bytes fits one segment of %d", l.PrefetchBytes(), prefetchSegment)
+	}
+	blob.reads.Store(0)
+	if err := l.Prefetch(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if got := blob.reads.Load(); got != 1 {
+		t.Errorf("Prefetch made %d requests, want 1", got)
+	}
+	for _, p := range prio {
+		if got := readAll(t, l, lookup(t, l, p)); !bytes.Equal(got, files[p]) {
+			t.Fatalf("%s differs", p)
+		}
+	}
+	if got := blob.reads.Load(); got != 1 {
+		t.Errorf("reading prioritized files made %d requests, want none", got-1)
 	}
 }
