@@ -51,11 +51,11 @@ func storedChunk(comp []byte, inner, size int64) (data []byte, ok bool) {
 			}
 			pos += int64(n)
 			q += 5 + n
-			if final || done == size {
+			if final || pos >= inner+size {
 				break
 			}
 		}
-		if done != size {
+		if pos < inner+size { // flate would find the member too short
 			return nil, false
 		}
 		if pass == 0 {
@@ -72,6 +72,9 @@ func gzipBody(m []byte) (int, bool) {
 		return 0, false
 	}
 	flg, p := m[3], 10
+	if flg&0xe0 != 0 || flg&gzipFHCRC != 0 {
+		return 0, false // reserved bits, which gzip readers refuse; a header CRC, left to them
+	}
 	if flg&gzipFEXTRA != 0 {
 		if p+2 > len(m) {
 			return 0, false
@@ -86,9 +89,6 @@ func gzipBody(m []byte) (int, bool) {
 			p++
 		}
 		p++ // the terminating zero
-	}
-	if flg&gzipFHCRC != 0 {
-		p += 2
 	}
 	return p, p <= len(m)
 }
