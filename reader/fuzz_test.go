@@ -31,8 +31,10 @@ func exercise(t *testing.T, blob Blob) {
 	exerciseLayer(t, l)
 }
 
-// exerciseLayer is exercise for a layer already open.
+// exerciseLayer is exercise for a layer already open: its prioritized
+// region prefetched, then every file read at its start and end.
 func exerciseLayer(t *testing.T, l *Layer) {
+	l.Prefetch(context.Background()) // errors are fine
 	p := make([]byte, 4096)
 	var walk func(n *Node, depth int)
 	walk = func(n *Node, depth int) {
