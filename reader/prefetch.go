@@ -3,6 +3,7 @@ package reader
 import (
 	"context"
 	"fmt"
+	"io"
 	"runtime"
 	"sync/atomic"
 	"time"
@@ -61,8 +62,7 @@ func (l *Layer) Prefetch(ctx context.Context) error {
 	// decoded and handed over before the next is read, so memory holds one
 	// segment, not the region (which may be gigabytes).
 	var (
-		bytesAt func(from, to int64) ([]byte, error) // blob bytes [from, to)
-		done    func()
+		src     segmentSource
 		err     error
 		members map[int64][]byte // decompressed early, by blob offset
 	)
@@ -70,20 +70,14 @@ func (l *Layer) Prefetch(ctx context.Context) error {
 		// Requested, and partly decompressed, while the TOC was parsed
 		// (early.go).
 		members = r.decoded()
-		bytesAt = func(from, to int64) ([]byte, error) {
-			if err := r.fill(to - r.off); err != nil {
-				return nil, err
-			}
-			return r.buf[from-r.off : to-r.off], nil
-		}
-		done = r.cancel
+		src = &earlySource{r: r}
 		stop := context.AfterFunc(ctx, r.cancel)
 		defer stop()
 	} else {
 		if r != nil {
 			r.cancel()
 		}
-		bytesAt, done, err = l.streamer(ctx, start, end)
+		src, err = l.streamSource(ctx, start, end)
 	}
 	fail := func(err error) error {
 		return fmt.Errorf("prefetch %s: blob bytes %d-%d: %w", l.name, start, end-1, err)
@@ -112,8 +106,9 @@ func (l *Layer) Prefetch(ctx context.Context) error {
 			segEnd = max(segEnd, min(c.blobEnd, end))
 		}
 		var seg []byte
+		var fill func(n int64) error // buffers seg[:n]
 		if err == nil {
-			if seg, err = bytesAt(segOff, segEnd); err != nil {
+			if seg, fill, err = src.segment(segOff, segEnd); err != nil {
 				err = fail(err)
 			}
 		}
@@ -127,7 +122,14 @@ func (l *Layer) Prefetch(ctx context.Context) error {
 			case c.blobEnd > end:
 				cl.err = fmt.Errorf("prefetch %s: chunk at %d outside the prioritized region", l.name, c.blobOff)
 				continue
-			case err != nil:
+			}
+			if err == nil {
+				// Each chunk is decoded as soon as its bytes are in.
+				if err = fill(c.blobEnd - segOff); err != nil {
+					err = fail(err)
+				}
+			}
+			if err != nil {
 				cl.err = err
 				continue
 			}
@@ -153,7 +155,7 @@ func (l *Layer) Prefetch(ctx context.Context) error {
 		}
 		from = to
 	}
-	done()
+	src.close()
 	if err == nil {
 		l.counted(int(end - start))
 	}
@@ -171,22 +173,81 @@ func (l *Layer) Prefetch(ctx context.Context) error {
 // prefetchSegment bounds the compressed bytes of a prefetch held at once.
 const prefetchSegment = 16 << 20
 
-// streamer reads blob bytes [start, end) in one request, front to back,
-// holding one segment at a time: bytesAt(from, to) returns [from, to),
-// valid until the next call, with from ascending. Call done when finished.
-func (l *Layer) streamer(ctx context.Context, start, end int64) (bytesAt func(from, to int64) ([]byte, error), done func(), err error) {
+// segmentSource gives a prefetch its blob bytes a segment at a time, in
+// ascending order: segment returns a buffer for [from, to) and fill(n),
+// which returns once buf[:n] holds the bytes. A segment's buffer is valid
+// until the next segment is asked for.
+type segmentSource interface {
+	segment(from, to int64) (buf []byte, fill func(n int64) error, err error)
+	close()
+}
+
+// earlySource serves segments from the region fetched early.
+type earlySource struct{ r *region }
+
+func (e *earlySource) segment(from, to int64) ([]byte, func(int64) error, error) {
+	r := e.r
+	return r.buf[from-r.off : to-r.off], func(n int64) error { return r.fill(from - r.off + n) }, nil
+}
+
+func (e *earlySource) close() { e.r.cancel() }
+
+// streamSource reads blob bytes [start, end) in one request, front to
+// back, into one buffer reused from segment to segment. A blob that does
+// not stream (tests) is read a segment at a time.
+func (l *Layer) streamSource(ctx context.Context, start, end int64) (segmentSource, error) {
+	s := &stream{ctx: ctx, b: l.blob, pos: start}
 	if rs, ok := l.blob.(rangeStreamer); ok {
 		rc, err := rs.OpenRange(ctx, start, end-start)
 		if err != nil {
-			return nil, nil, err
+			return nil, err
 		}
-		w := &window{r: rc, off: start, pos: start}
-		return w.bytes, func() { rc.Close() }, nil
+		s.rc = rc
 	}
-	return func(from, to int64) ([]byte, error) {
+	return s, nil
+}
+
+type stream struct {
+	ctx context.Context
+	b   Blob
+	rc  io.ReadCloser // nil: read each segment with readFull
+	pos int64         // blob offset of the next byte rc gives
+	buf []byte
+}
+
+func (s *stream) segment(from, to int64) ([]byte, func(int64) error, error) {
+	if s.rc == nil {
 		buf := make([]byte, to-from)
-		return buf, readFull(ctx, l.blob, buf, from)
-	}, func() {}, nil
+		err := readFull(s.ctx, s.b, buf, from)
+		return buf, func(int64) error { return nil }, err
+	}
+	if from < s.pos {
+		return nil, nil, fmt.Errorf("chunk at blob offset %d overlaps the one before it", from)
+	}
+	if _, err := io.CopyN(io.Discard, s.rc, from-s.pos); err != nil {
+		return nil, nil, err
+	}
+	if n := int(to - from); cap(s.buf) < n {
+		s.buf = make([]byte, n)
+	}
+	buf := s.buf[:to-from]
+	got := int64(0)
+	s.pos = from
+	return buf, func(n int64) error {
+		if got >= n {
+			return nil
+		}
+		k, err := io.ReadFull(s.rc, buf[got:n])
+		got += int64(k)
+		s.pos += int64(k)
+		return err
+	}, nil
+}
+
+func (s *stream) close() {
+	if s.rc != nil {
+		s.rc.Close()
+	}
 }
 
 // After a prefetch, disk-cache writes wait for writeIdle without use of
