@@ -62,14 +62,11 @@ func (l *Layer) Prefetch(ctx context.Context) error {
 	// decoded and handed over before the next is read, so memory holds one
 	// segment, not the region (which may be gigabytes).
 	var (
-		src     segmentSource
-		err     error
-		members map[int64][]byte // decompressed early, by blob offset
+		src segmentSource
+		err error
 	)
 	if r := l.takeEarly(); r != nil && r.off <= start && end <= r.off+int64(len(r.buf)) {
-		// Requested, and partly decompressed, while the TOC was parsed
-		// (early.go).
-		members = r.decoded()
+		// Requested while the TOC was parsed (early.go).
 		src = &earlySource{r: r}
 		stop := context.AfterFunc(ctx, r.cancel)
 		defer stop()
@@ -134,11 +131,7 @@ func (l *Layer) Prefetch(ctx context.Context) error {
 				continue
 			}
 			g.Go(func() error {
-				if m, ok := members[c.blobOff]; ok && c.inner >= 0 && c.inner+c.size <= int64(len(m)) {
-					cl.data, cl.err = verifyChunk(c, m)
-				} else {
-					cl.data, cl.err = decode(c, seg[c.blobOff-segOff:c.blobEnd-segOff])
-				}
+				cl.data, cl.err = decode(c, seg[c.blobOff-segOff:c.blobEnd-segOff])
 				if cl.err != nil {
 					bad.Add(1)
 					l.logger.Warn("prefetch: bad chunk", "layer", l.name, "offset", c.blobOff, "err", cl.err)
@@ -150,9 +143,6 @@ func (l *Layer) Prefetch(ctx context.Context) error {
 		}
 		g.Wait()
 		l.settle(units, todo[from:to], calls[from:to])
-		for x := from; x < to; x++ {
-			delete(members, units[todo[x]].c.blobOff) // kept in the cache now
-		}
 		from = to
 	}
 	src.close()

@@ -204,7 +204,7 @@ func openTail(ctx context.Context, b Blob, o *options, tb *tailBlob, early bool)
 	var er0 *region
 	if early {
 		if off := landmarkOffset(tocJSON); off > 0 && off <= tocOffset && off <= maxEarlyRegion {
-			er0 = startRegion(b, 0, off, true)
+			er0 = startRegion(b, 0, off)
 		}
 	}
 	fail := func(err error) (*Layer, []byte, error) {
