@@ -413,34 +413,6 @@ func (w *window) bytes(from, to int64) ([]byte, error) {
 	return w.buf, nil
 }
 
-// filler reads blob bytes from off into buf, in one request. fill(n)
-// returns once buf[:n] holds them: from a blob that streams (the
-// fetcher), as soon as they arrive; from another, once all are read. Call
-// done when finished with fill.
-func (l *Layer) filler(ctx context.Context, buf []byte, off int64) (fill func(n int64) error, done func(), err error) {
-	rs, ok := l.blob.(rangeStreamer)
-	if !ok {
-		if err := readFull(ctx, l.blob, buf, off); err != nil {
-			return nil, nil, err
-		}
-		return func(int64) error { return nil }, func() {}, nil
-	}
-	rc, err := rs.OpenRange(ctx, off, int64(len(buf)))
-	if err != nil {
-		return nil, nil, err
-	}
-	got := int64(0)
-	fill = func(n int64) error {
-		if got >= n {
-			return nil
-		}
-		k, err := io.ReadFull(rc, buf[got:n])
-		got += int64(k)
-		return err
-	}
-	return fill, func() { rc.Close() }, nil
-}
-
 // finish takes the calls [from, to) of p, their data or error set, out of
 // the fetch table, remembering failures, and wakes their readers.
 func (l *Layer) finish(p *plan, from, to int) {
