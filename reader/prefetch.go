@@ -183,62 +183,41 @@ func (e *earlySource) segment(from, to int64) ([]byte, func(int64) error, error)
 func (e *earlySource) close() { e.r.cancel() }
 
 // streamSource reads blob bytes [start, end) in one request, front to
-// back, into one buffer reused from segment to segment. A blob that does
-// not stream (tests) is read a segment at a time.
+// back, through a window. A blob that does not stream (tests) is read a
+// segment at a time.
 func (l *Layer) streamSource(ctx context.Context, start, end int64) (segmentSource, error) {
-	s := &stream{ctx: ctx, b: l.blob, pos: start}
-	if rs, ok := l.blob.(rangeStreamer); ok {
-		rc, err := rs.OpenRange(ctx, start, end-start)
-		if err != nil {
-			return nil, err
-		}
-		s.rc = rc
+	rs, ok := l.blob.(rangeStreamer)
+	if !ok {
+		return &segmentReads{ctx: ctx, b: l.blob}, nil
 	}
-	return s, nil
+	rc, err := rs.OpenRange(ctx, start, end-start)
+	if err != nil {
+		return nil, err
+	}
+	return &streamed{window{r: rc, off: start, pos: start}, rc}, nil
 }
 
-type stream struct {
+// streamed serves segments from one streamed request.
+type streamed struct {
+	window
+	rc io.Closer
+}
+
+func (s *streamed) close() { s.rc.Close() }
+
+// segmentReads reads each segment with a request of its own.
+type segmentReads struct {
 	ctx context.Context
 	b   Blob
-	rc  io.ReadCloser // nil: read each segment with readFull
-	pos int64         // blob offset of the next byte rc gives
-	buf []byte
 }
 
-func (s *stream) segment(from, to int64) ([]byte, func(int64) error, error) {
-	if s.rc == nil {
-		buf := make([]byte, to-from)
-		err := readFull(s.ctx, s.b, buf, from)
-		return buf, func(int64) error { return nil }, err
-	}
-	if from < s.pos {
-		return nil, nil, fmt.Errorf("chunk at blob offset %d overlaps the one before it", from)
-	}
-	if _, err := io.CopyN(io.Discard, s.rc, from-s.pos); err != nil {
-		return nil, nil, err
-	}
-	if n := int(to - from); cap(s.buf) < n {
-		s.buf = make([]byte, n)
-	}
-	buf := s.buf[:to-from]
-	got := int64(0)
-	s.pos = from
-	return buf, func(n int64) error {
-		if got >= n {
-			return nil
-		}
-		k, err := io.ReadFull(s.rc, buf[got:n])
-		got += int64(k)
-		s.pos += int64(k)
-		return err
-	}, nil
+func (s *segmentReads) segment(from, to int64) ([]byte, func(int64) error, error) {
+	buf := make([]byte, to-from)
+	err := readFull(s.ctx, s.b, buf, from)
+	return buf, func(int64) error { return nil }, err
 }
 
-func (s *stream) close() {
-	if s.rc != nil {
-		s.rc.Close()
-	}
-}
+func (s *segmentReads) close() {}
 
 // After a prefetch, disk-cache writes wait for writeIdle without use of
 // the mount, at most maxWritePause.

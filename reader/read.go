@@ -376,9 +376,9 @@ func (l *Layer) runStream(ctx context.Context, p *plan) {
 }
 
 // window reads a stream of blob bytes front to back and holds the bytes of
-// one chunk at a time. Chunks come in blob order and may share bytes
-// (several chunks of one gzip member); the bytes between two chunks are
-// skipped.
+// one chunk, or one prefetch segment, at a time, in one buffer reused.
+// Requests come in blob order and may share bytes (several chunks of one
+// gzip member); the bytes between two are skipped.
 type window struct {
 	r   io.Reader
 	buf []byte // blob bytes [off, pos)
@@ -388,17 +388,28 @@ type window struct {
 
 // bytes returns blob bytes [from, to), valid until the next call.
 func (w *window) bytes(from, to int64) ([]byte, error) {
+	buf, fill, err := w.segment(from, to)
+	if err != nil {
+		return nil, err
+	}
+	return buf, fill(to - from)
+}
+
+// segment returns a buffer for blob bytes [from, to) and fill(n), which
+// returns once buf[:n] holds them, so that a caller can use the first
+// bytes while the rest arrive. Both are valid until the next call.
+func (w *window) segment(from, to int64) (buf []byte, fill func(n int64) error, err error) {
 	if from < w.off || to < from {
-		return nil, fmt.Errorf("chunk at blob offset %d is out of order (window at %d)", from, w.off)
+		return nil, nil, fmt.Errorf("chunk at blob offset %d is out of order (window at %d)", from, w.off)
 	}
 	if to <= w.pos {
-		return w.buf[from-w.off : to-w.off], nil
+		return w.buf[from-w.off : to-w.off], func(int64) error { return nil }, nil
 	}
 	keep := 0
 	if from < w.pos {
-		keep = copy(w.buf, w.buf[from-w.off:])
+		keep = copy(w.buf, w.buf[from-w.off:w.pos-w.off])
 	} else if _, err := io.CopyN(io.Discard, w.r, from-w.pos); err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	if need := int(to - from); cap(w.buf) < need {
 		b := make([]byte, need)
@@ -406,11 +417,15 @@ func (w *window) bytes(from, to int64) ([]byte, error) {
 		w.buf = b
 	}
 	w.buf = w.buf[:to-from]
-	if _, err := io.ReadFull(w.r, w.buf[keep:]); err != nil {
-		return nil, err
-	}
-	w.off, w.pos = from, to
-	return w.buf, nil
+	w.off, w.pos = from, from+int64(keep)
+	return w.buf, func(n int64) error {
+		if got := w.pos - from; got < n {
+			k, err := io.ReadFull(w.r, w.buf[got:n])
+			w.pos += int64(k)
+			return err
+		}
+		return nil
+	}, nil
 }
 
 // finish takes the calls [from, to) of p, their data or error set, out of
