@@ -372,19 +372,6 @@ func (l *Layer) buildTree(tocJSON []byte, size int64, opaqueXattr string, verify
 	return b.finish()
 }
 
-// parseTOC decodes TOC JSON into the estargz library's form, for tests
-// that compare decoders.
-func parseTOC(b []byte) (*estargz.JTOC, error) {
-	toc, err := parseTOCFast(b)
-	if err == errSlowPath {
-		return parseTOCSlow(b)
-	}
-	if err != nil {
-		return nil, fmt.Errorf("TOC JSON: %w", err)
-	}
-	return toc, nil
-}
-
 var errTooManyEntries = fmt.Errorf("TOC has more than the limit of %d entries", MaxEntries)
 
 // parseTOCSlow is parseTOC with encoding/json, for any JSON.

@@ -277,22 +277,6 @@ func scanTOC(b []byte, add func(*estargz.TOCEntry) error) (version int, err erro
 	return version, err
 }
 
-// parseTOCFast is scanTOC collecting the entries, for the tests that hold
-// it to encoding/json.
-func parseTOCFast(b []byte) (*estargz.JTOC, error) {
-	toc := new(estargz.JTOC)
-	var err error
-	toc.Version, err = scanTOC(b, func(e *estargz.TOCEntry) error {
-		c := *e
-		toc.Entries = append(toc.Entries, &c)
-		return nil
-	})
-	if err != nil {
-		return nil, err
-	}
-	return toc, nil
-}
-
 // entries reads the entries array (or a null), passing each to add.
 func (s *tocScanner) entries(add func(*estargz.TOCEntry) error) error {
 	if s.null() {
